@@ -1,0 +1,55 @@
+"""Helpers shared by the benchmark scripts: timing, machine description, result files."""
+import os
+import platform
+import sys
+import statistics
+import time
+
+import torch
+
+
+def machine():
+    info = {"python": platform.python_version(), "torch": torch.__version__, "cpu": platform.processor() or platform.machine(),
+            "cores": os.cpu_count(), "threads": torch.get_num_threads()}
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name()
+    try:
+        import onnxruntime
+        info["onnxruntime"] = onnxruntime.__version__
+    except ImportError:
+        pass
+    return info
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def interleaved_medians(fns, reps, warmup=1, device=torch.device("cpu")):
+    """Median seconds of each callable, timed round-robin so that machine noise hits all alike."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times = {k: [] for k in fns}
+    for _ in range(reps):
+        for k, fn in fns.items():
+            sync(device)
+            t = time.perf_counter()
+            fn()
+            sync(device)
+            times[k].append(time.perf_counter() - t)
+    return {k: statistics.median(v) for k, v in times.items()}, times
+
+
+def latency_stats(seconds, batch):
+    """p50/p95 latency (ms) and throughput (images/s, from the median) of one callable's timings."""
+    ms = sorted(1000.0 * t for t in seconds)
+    p95 = ms[min(len(ms) - 1, max(0, round(0.95 * len(ms)) - 1))]  # nearest rank
+    p50 = statistics.median(ms)
+    return {"p50_ms": p50, "p95_ms": p95, "images_per_s": 1000.0 * batch / p50, "reps": len(ms)}
+
+
+def command(module, argv):
+    """The command line that reproduces a benchmark run."""
+    return " ".join(["python -m", module, *(sys.argv[1:] if argv is None else argv)])

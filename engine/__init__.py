@@ -1,0 +1,1 @@
+"""clip-purify engine: backdoored CLIP models, prompt-tuning defenses, metrics."""

@@ -1,0 +1,18 @@
+"""Shared CLI entry: a UserError becomes one line on stderr and exit code 2, never a traceback."""
+import sys
+
+from .errors import UserError
+
+
+def run_cli(main):
+    try:
+        main()
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except OSError as e:  # unwritable --out, full disk, ...: the message names the path
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)

@@ -1,0 +1,1 @@
+"""Prompt-tuning defenses. Each tunes a few parameters on a frozen CLIP from clean few-shot images."""

@@ -1,0 +1,201 @@
+"""Purify a (possibly backdoored) CLIP by prompt tuning on a few clean labelled images.
+
+    python -m engine.tune --fused                       # RVPT on the bundled BadNet lab model
+    python -m engine.tune --attack blended --alpha 0    # plain deep VPT, the ablation
+    python -m engine.tune --model ViT-B-32 --pretrained openai --dataset folder:/data/pets \
+        --attack badnet --target cat                    # a real CLIP and your own images
+
+Prints CA/ASR before and after, writes prompts.safetensors and results.json to --out. Nothing is
+written to --out unless the whole run succeeds.
+"""
+import argparse
+import json
+import time
+from datetime import datetime
+
+import torch
+
+from . import data as D
+from . import prompted_vit
+from .cli import run_cli
+from .defenses import rvpt
+from .errors import UserError
+from .evaluate import evaluate_attack
+from .io import atomic_dir, write_json
+from .models import bundled_checkpoint, is_lab, load_model
+from .triggers import TRIGGERS, make_trigger
+
+LAB_DEFAULTS = dict(start=2, tokens=8, lr=0.5, epochs=30)  # tuned on the lab model, see README
+
+
+def pick_backend(fused, backend, device):
+    """--fused means the fastest path that exists here: Triton kernels on CUDA, `shared` torch on CPU."""
+    if backend:
+        if backend == "triton" and device.type != "cuda":
+            raise UserError("--backend triton needs a CUDA device (Triton kernels); use shared on the CPU")
+        return backend, f"{backend} (chosen with --backend)"
+    if fused and device.type == "cuda":
+        from kernels import triton_available
+        if triton_available():
+            return "triton", "triton (fused Triton kernels on CUDA)"
+        return "shared", "shared (torch prompt-aware path: triton is not importable)"
+    if fused:
+        return "shared", "shared (torch prompt-aware path; the Triton kernels need CUDA, so --fused is the shared path on the CPU)"
+    return "naive", "naive (torch.cat reference; pass --fused for the fast path)"
+
+
+def resolve_device(name):
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device {name} asked for, but CUDA is not available here")
+    return torch.device(name)
+
+
+def resolve_target(target, classes):
+    if target.isdigit() and int(target) < len(classes):
+        return int(target)
+    if target not in classes:
+        raise UserError(f"target class '{target}' is not in the class list {classes}")
+    return classes.index(target)
+
+
+def save_prompts(path, prompts, meta):
+    from safetensors.torch import save_file
+    save_file({"prompts": prompts.prompts.detach().cpu().contiguous()}, str(path),
+              metadata={k: json.dumps(v) for k, v in meta.items()})
+
+
+def load_prompts(path):
+    """(prompts tensor (L-D, b, W), metadata dict) from a run's prompts.safetensors."""
+    from safetensors import safe_open
+    try:
+        with safe_open(str(path), "pt") as f:
+            meta = {k: json.loads(v) for k, v in (f.metadata() or {}).items()}
+            return f.get_tensor("prompts"), meta
+    except FileNotFoundError as e:
+        raise UserError(f"no prompts file at {path}") from e
+    except Exception as e:
+        raise UserError(f"cannot read prompts from {path}: {e}") from e
+
+
+def format_table(rows):
+    """rows: (label, {'ca', 'asr', 'pa'}) -> an aligned text table."""
+    lines = [f"{'':<12}{'CA %':>8}{'ASR %':>8}{'PA %':>8}"]
+    lines += [f"{label:<12}{r['ca']:>8.2f}{r['asr']:>8.2f}{r['pa']:>8.2f}" for label, r in rows]
+    return "\n".join(lines)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(prog="python -m engine.tune", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--defense", default="rvpt", choices=["rvpt"], help="defense to run")
+    p.add_argument("--fused", action="store_true", help="fast path: Triton kernels on CUDA, shared torch path on CPU")
+    p.add_argument("--backend", choices=prompted_vit.BACKENDS, default=None, help="force one prompted-ViT implementation")
+    m = p.add_argument_group("model")
+    m.add_argument("--model", default="lab-vit", help="lab-vit or an open_clip architecture (ViT-B-32, ...)")
+    m.add_argument("--pretrained", default=None, help="open_clip pretrained tag (needs its weights or a network)")
+    m.add_argument("--checkpoint", default=None, help="local checkpoint (.safetensors or torch state dict)")
+    d = p.add_argument_group("data and attack")
+    d.add_argument("--dataset", default="fashion-mnist", help="fashion-mnist, folder:PATH or csv:PATH")
+    d.add_argument("--data-dir", default=None, help="Fashion-MNIST IDX folder (default: Debian's)")
+    d.add_argument("--attack", default="badnet", choices=sorted(TRIGGERS),
+                   help="trigger used to measure ASR (and, for lab-vit, the bundled backdoored checkpoint)")
+    d.add_argument("--target", default="bag", help="attack target class (name or index)")
+    d.add_argument("--trigger-seed", type=int, default=0)
+    d.add_argument("--shots", type=int, default=16, help="clean labelled images per class")
+    d.add_argument("--eval-limit", type=int, default=None, help="evaluate on the first N test images only")
+    t = p.add_argument_group("RVPT (defaults: SPEC.md for real CLIP; LAB_DEFAULTS for lab-vit)")
+    t.add_argument("--epochs", type=int, default=None)
+    t.add_argument("--lr", type=float, default=None)
+    t.add_argument("--batch", type=int, default=32)
+    t.add_argument("--alpha", type=float, default=2.0, help="feature-repelling weight (0 = plain deep VPT)")
+    t.add_argument("--margin", type=float, default=None)
+    t.add_argument("--prompt-tokens", type=int, default=None, help="b, prompt tokens per block")
+    t.add_argument("--prompt-start", type=int, default=None, help="D, unprompted leading blocks")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto", help="cpu, cuda or auto")
+    p.add_argument("--out", default=None, help="run directory (default runs/<timestamp>); must not exist")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    return p.parse_args(argv)
+
+
+def rvpt_config(args):
+    base = rvpt.RVPTConfig()
+    lab = LAB_DEFAULTS if is_lab(args.model) else {}
+
+    def pick(value, key):
+        return value if value is not None else lab.get(key, getattr(base, key))
+    return rvpt.RVPTConfig(start=pick(args.prompt_start, "start"), tokens=pick(args.prompt_tokens, "tokens"),
+                           alpha=args.alpha, margin=args.margin, lr=pick(args.lr, "lr"),
+                           epochs=pick(args.epochs, "epochs"), batch=args.batch, seed=args.seed)
+
+
+def run(args):
+    t0 = time.time()
+    out_dir = args.out or f"runs/{datetime.now():%Y%m%d-%H%M%S}"
+    device = resolve_device(args.device)
+    backend, backend_note = pick_backend(args.fused, args.backend, device)
+    checkpoint = args.checkpoint
+    if checkpoint is None and args.pretrained is None and is_lab(args.model):
+        checkpoint = bundled_checkpoint(args.attack)
+    clip = load_model(args.model, args.pretrained, checkpoint, device)
+    train_all = D.load_dataset(args.dataset, "train", clip.image_size, args.data_dir)
+    test = D.load_dataset(args.dataset, "test", clip.image_size, args.data_dir, limit=args.eval_limit)
+    if train_all.classes != test.classes:
+        raise UserError(f"train and test class lists differ: {train_all.classes} vs {test.classes}")
+    target = resolve_target(args.target, test.classes)
+    train = train_all.subset(D.few_shot_indices(train_all.labels, args.shots, args.seed))
+    cfg = rvpt_config(args)
+    trigger = make_trigger(args.attack, clip.image_size, args.trigger_seed)
+    print(f"model {args.model} ({checkpoint or args.pretrained or 'random weights'}) on {device}; "
+          f"backend {backend_note}")
+    print(f"{args.shots}-shot {args.dataset}: {len(train)} tuning images, {len(test)} test images; "
+          f"attack {args.attack} -> '{test.classes[target]}'")
+    text = clip.text_features(test.classes, D.DEFAULT_TEMPLATES)
+    before = evaluate_attack(clip, test, trigger, target, text=text)
+    t_tune = time.time()
+    prompts, history = rvpt.tune(clip, train, text, cfg, backend, progress=not args.quiet)
+    tune_seconds = time.time() - t_tune
+    eval_backend = "shared" if backend == "naive" else backend  # same numbers, faster
+    after = evaluate_attack(clip, test, trigger, target, encode=prompted_vit.encoder(clip.visual, prompts, eval_backend), text=text)
+    results = {
+        "defense": args.defense if cfg.alpha != 0 else "vpt (rvpt with alpha=0)",
+        "model": args.model, "checkpoint": str(checkpoint) if checkpoint else None, "pretrained": args.pretrained,
+        "dataset": args.dataset, "classes": test.classes,
+        "attack": args.attack, "target": test.classes[target], "shots": args.shots, "backend": backend,
+        "device": str(device), "seconds": round(time.time() - t0, 2), "tune_seconds": round(tune_seconds, 2),
+        "before": before, "after": after,
+        "tuned_params": prompted_vit.parameter_count(prompts),
+        "total_params": prompted_vit.parameter_count(clip.model),
+        "config": cfg.as_dict(), "loss_history": [round(x, 5) for x in history],
+        "test_images": len(test),
+    }
+    meta = {"model": args.model, "checkpoint": results["checkpoint"], "pretrained": args.pretrained,
+            "start": cfg.start, "classes": test.classes, "templates": D.DEFAULT_TEMPLATES,
+            "image_size": clip.image_size, "mean": list(clip.mean), "std": list(clip.std),
+            "before": before, "after": after, "attack": args.attack, "target": test.classes[target]}
+    with atomic_dir(out_dir) as tmp:
+        save_prompts(tmp / "prompts.safetensors", prompts, meta)
+        write_json(tmp / "results.json", results)
+    print(format_table([("before", before), ("after", after)]))
+    pct = 100.0 * results["tuned_params"] / results["total_params"]
+    print(f"tuned {results['tuned_params']:,} of {results['total_params']:,} parameters ({pct:.2f}%) "
+          f"in {tune_seconds:.1f} s; results in {out_dir}/results.json")
+    return results
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.out:
+        from pathlib import Path
+        out = Path(args.out)
+        if out.exists() and (not out.is_dir() or any(out.iterdir())):
+            raise UserError(f"--out {out} already exists and is not empty")
+    if args.shots < 1:
+        raise UserError("--shots must be at least 1")
+    return run(args)
+
+
+if __name__ == "__main__":
+    run_cli(main)
