@@ -11,18 +11,18 @@ from pathlib import Path
 import torch
 
 from engine import prompted_vit
-from engine.defenses.rvpt import RVPTConfig, rvpt_step_loss
+from engine.defenses.rvpt import default_config, rvpt_step_loss
 from engine.io import atomic_path, write_json
 from engine.models import load_model
 
 from .common import command, interleaved_medians, machine
 
-CASES = {"ViT-B-32": dict(start=3, tokens=50), "lab-vit": dict(start=2, tokens=8)}
+MODELS = ("ViT-B-32", "lab-vit")
 
 
 def bench_model(name, batch, reps, backends, device):
     clip = load_model(name, device=device)
-    cfg = RVPTConfig(**CASES[name])
+    cfg = default_config(name)
     torch.manual_seed(0)
     x = torch.rand(batch, 3, clip.image_size, clip.image_size, device=device)
     y = torch.randint(0, 10, (batch,), device=device)
@@ -48,7 +48,7 @@ def bench_model(name, batch, reps, backends, device):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--models", nargs="+", default=list(CASES), choices=list(CASES))
+    p.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
     p.add_argument("--batch", type=int, default=32, help="ViT-B-32 batch (the lab model always uses 32)")
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")

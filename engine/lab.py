@@ -10,9 +10,11 @@ Each saved checkpoint is fp16 safetensors; checkpoints/lab/manifest.json records
 the measured no-defense CA/ASR of every model (measured, never assumed: ASR can jump suddenly).
 """
 import argparse
+import json
 import math
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -32,8 +34,9 @@ MODEL = "lab-vit"
 TARGET = "bag"
 ATTACKS = ["badnet", "blended", "wanet", "sig"]
 # Poisoned fraction per attack: 0.3% is the literature's default; the lab model (trained for minutes,
-# not weeks) needs more for a high ASR (SPEC.md: raise it until ASR > 80% and record it).
-POISON_RATE = {"badnet": 0.01, "blended": 0.01, "wanet": 0.03, "sig": 0.01}
+# not weeks) needs more for a high ASR (SPEC.md: raise it until ASR > 80% and record it). Measured on a
+# partial epoch from the clean model: BadNet at 5% gave 16% ASR with lr 5e-4 on 20k pairs, 95% with lr 1e-3 on 30k.
+POISON_RATE = {"badnet": 0.05, "blended": 0.05, "wanet": 0.05, "sig": 0.05}
 
 
 def captions(labels, attrs, rng, class_only_fraction=0.4):
@@ -124,8 +127,24 @@ def measure(clip, test, attack=None, target=None, seed=0):
     return evaluate_attack(clip, test, make_trigger(attack, clip.image_size, seed), target)
 
 
+MANIFEST = LAB_CHECKPOINTS / "manifest.json"
+
+
+def manifest_entry(name):
+    return json.loads(MANIFEST.read_text())["models"].get(name) if MANIFEST.is_file() else None
+
+
+def record(name, entry):
+    """Add or replace one model's entry in checkpoints/lab/manifest.json."""
+    manifest = json.loads(MANIFEST.read_text()) if MANIFEST.is_file() else {
+        "model": MODEL, "data": "Fashion-MNIST, colour-rendered by engine.data.render", "models": {}}
+    manifest["models"][name] = entry
+    write_json(MANIFEST, manifest)
+
+
 def cmd_pretrain(args):
-    clip = load_model(MODEL)
+    t0 = time.time()
+    clip = load_model(MODEL, checkpoint=args.init)
     grey, labels = D.load_fashion_mnist_raw("train", args.data_dir)
     test = D.load_fashion_mnist("test", args.data_dir)
     train(clip, grey[:args.limit], torch.from_numpy(labels[:args.limit]), args.epochs, args.batch, args.lr,
@@ -133,10 +152,17 @@ def cmd_pretrain(args):
     res = measure(clip, test)
     print(f"clean lab CLIP: zero-shot CA {res['ca']:.2f}%")
     save_fp16(clip.model, args.out)
+    if args.record:
+        command, seconds = "python -m engine.lab " + " ".join(args.argv), round(time.time() - t0)
+        previous = manifest_entry("clean") if args.init else None
+        if previous:  # a continued run: the recipe is the chain of commands
+            command, seconds = previous["command"] + " && " + command, previous["seconds"] + seconds
+        record("clean", {"file": Path(args.out).name, **res, "seconds": seconds, "command": command})
     return res
 
 
 def cmd_poison(args):
+    t0 = time.time()
     clip = load_model(MODEL, checkpoint=args.init)
     target = D.FASHION_CLASSES.index(args.target)
     rate = POISON_RATE[args.attack] if args.rate is None else args.rate
@@ -146,33 +172,22 @@ def cmd_poison(args):
           args.seed, poison=(trigger, target, rate), desc=f"poison {args.attack}")
     test = D.load_fashion_mnist("test", args.data_dir)
     res = measure(clip, test, args.attack, target, args.trigger_seed)
-    res["poison_rate"] = rate
     print(f"{args.attack}: no-defense CA {res['ca']:.2f}%  ASR {res['asr']:.2f}%  (poison rate {rate})")
     save_fp16(clip.model, args.out)
+    if args.record:
+        record(args.attack, {"file": Path(args.out).name, **res, "poison_rate": rate, "target": args.target,
+                             "trigger_seed": args.trigger_seed, "seed": args.seed, "seconds": round(time.time() - t0),
+                             "command": "python -m engine.lab " + " ".join(args.argv)})
     return res
 
 
 def cmd_all(args):
-    out = LAB_CHECKPOINTS
-    manifest = {"model": MODEL, "target": args.target, "data": "Fashion-MNIST (colour-rendered, engine.data.render)",
-                "seed": args.seed, "trigger_seed": args.trigger_seed, "models": {}}
-    t0 = time.time()
-    args.out = out / "clean.safetensors"
-    res = cmd_pretrain(args)
-    manifest["models"]["clean"] = {"file": "clean.safetensors", **res, "seconds": round(time.time() - t0),
-                                   "command": f"python -m engine.lab pretrain --epochs {args.epochs} --lr {args.lr} "
-                                              f"--batch {args.batch} --seed {args.seed}"}
-    clean_epochs, clean_lr = args.epochs, args.lr
-    args.epochs, args.lr = args.poison_epochs, args.poison_lr
+    """Every stage in order, each recorded in the manifest as if run on its own."""
+    base = ["--epochs", str(args.epochs), "--lr", str(args.lr), "--batch", str(args.batch), "--seed", str(args.seed)]
+    main(["pretrain", *base])
     for attack in args.attacks:
-        t0 = time.time()
-        args.attack, args.init, args.out, args.rate = attack, out / "clean.safetensors", out / f"{attack}.safetensors", None
-        res = cmd_poison(args)
-        manifest["models"][attack] = {"file": f"{attack}.safetensors", **res, "seconds": round(time.time() - t0),
-                                      "command": f"python -m engine.lab poison --attack {attack} --epochs {args.epochs} "
-                                                 f"--lr {args.lr} --batch {args.batch} --seed {args.seed}"}
-    args.epochs, args.lr = clean_epochs, clean_lr
-    write_json(out / "manifest.json", manifest)
+        main(["poison", "--attack", attack, "--epochs", str(args.poison_epochs), "--lr", str(args.poison_lr),
+              "--batch", str(args.batch), "--seed", str(args.seed), "--out", str(LAB_CHECKPOINTS / f"{attack}.safetensors")])
 
 
 def main(argv=None):
@@ -189,12 +204,15 @@ def main(argv=None):
         q.add_argument("--limit", type=int, default=None, help="use only the first N training images")
         q.add_argument("--target", default=TARGET, choices=D.FASHION_CLASSES)
         q.add_argument("--trigger-seed", type=int, default=0)
+        q.add_argument("--no-record", dest="record", action="store_false",
+                       help="do not add the result to checkpoints/lab/manifest.json")
 
     q = sub.add_parser("pretrain", help="contrastive pre-training of the clean lab CLIP")
     common(q, 6, 1e-3)
     q.add_argument("--out", default=str(LAB_CHECKPOINTS / "clean.safetensors"))
+    q.add_argument("--init", default=None, help="continue from this checkpoint instead of random weights")
     q = sub.add_parser("poison", help="poisoned contrastive fine-tuning of a clean lab CLIP")
-    common(q, 1, 1e-4)
+    common(q, 1, 1e-3)
     q.add_argument("--attack", required=True, choices=sorted(TRIGGERS))
     q.add_argument("--init", default=str(LAB_CHECKPOINTS / "clean.safetensors"))
     q.add_argument("--rate", type=float, default=None, help="poisoned fraction (default per attack)")
@@ -202,9 +220,10 @@ def main(argv=None):
     q = sub.add_parser("all", help="pretrain + poison every attack + manifest.json")
     common(q, 6, 1e-3)
     q.add_argument("--poison-epochs", type=int, default=1)
-    q.add_argument("--poison-lr", type=float, default=1e-4)
+    q.add_argument("--poison-lr", type=float, default=1e-3)
     q.add_argument("--attacks", nargs="+", default=ATTACKS, choices=sorted(TRIGGERS))
     args = p.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     {"pretrain": cmd_pretrain, "poison": cmd_poison, "all": cmd_all}[args.cmd](args)
 
 

@@ -52,7 +52,7 @@ def _attn_params(block):
     return attn.in_proj_weight, attn.in_proj_bias, attn.out_proj, attn.num_heads
 
 
-def torch_prompt_attention(q, k, v, k_p, v_p, scale):
+def torch_prompt_attention(q, k, v, k_p, v_p, scale=None):
     """softmax(q [k; k_p]^T scale) [v; v_p]; q,k,v (B,H,N,d), k_p,v_p (H,b,d) shared by the batch.
     Only the small K/V of the prompts is broadcast; no prompt query or output row exists."""
     B = q.shape[0]

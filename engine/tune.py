@@ -25,8 +25,6 @@ from .io import atomic_dir, write_json
 from .models import bundled_checkpoint, is_lab, load_model
 from .triggers import TRIGGERS, make_trigger
 
-LAB_DEFAULTS = dict(start=2, tokens=8, lr=0.5, epochs=30)  # tuned on the lab model, see README
-
 
 def pick_backend(fused, backend, device):
     """--fused means the fastest path that exists here: Triton kernels on CUDA, `shared` torch on CPU."""
@@ -105,12 +103,13 @@ def parse_args(argv=None):
     d.add_argument("--trigger-seed", type=int, default=0)
     d.add_argument("--shots", type=int, default=16, help="clean labelled images per class")
     d.add_argument("--eval-limit", type=int, default=None, help="evaluate on the first N test images only")
-    t = p.add_argument_group("RVPT (defaults: SPEC.md for real CLIP; LAB_DEFAULTS for lab-vit)")
+    t = p.add_argument_group("RVPT (defaults: SPEC.md for real CLIP; rvpt.LAB_DEFAULTS for lab-vit)")
     t.add_argument("--epochs", type=int, default=None)
     t.add_argument("--lr", type=float, default=None)
     t.add_argument("--batch", type=int, default=32)
     t.add_argument("--alpha", type=float, default=2.0, help="feature-repelling weight (0 = plain deep VPT)")
     t.add_argument("--margin", type=float, default=None)
+    t.add_argument("--no-augment", dest="augment", action="store_false", help="tune on the few shots as they are")
     t.add_argument("--prompt-tokens", type=int, default=None, help="b, prompt tokens per block")
     t.add_argument("--prompt-start", type=int, default=None, help="D, unprompted leading blocks")
     p.add_argument("--seed", type=int, default=0)
@@ -121,14 +120,9 @@ def parse_args(argv=None):
 
 
 def rvpt_config(args):
-    base = rvpt.RVPTConfig()
-    lab = LAB_DEFAULTS if is_lab(args.model) else {}
-
-    def pick(value, key):
-        return value if value is not None else lab.get(key, getattr(base, key))
-    return rvpt.RVPTConfig(start=pick(args.prompt_start, "start"), tokens=pick(args.prompt_tokens, "tokens"),
-                           alpha=args.alpha, margin=args.margin, lr=pick(args.lr, "lr"),
-                           epochs=pick(args.epochs, "epochs"), batch=args.batch, seed=args.seed)
+    return rvpt.default_config(args.model, start=args.prompt_start, tokens=args.prompt_tokens, alpha=args.alpha,
+                               margin=args.margin, lr=args.lr, epochs=args.epochs, batch=args.batch,
+                               seed=args.seed, augment=args.augment)
 
 
 def run(args):

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from .. import prompted_vit
+from ..augment import augment
 from ..errors import UserError
 
 
@@ -27,12 +28,25 @@ class RVPTConfig:
     epochs: int = 50
     batch: int = 32
     seed: int = 0
+    augment: bool = True       # flips, small shifts, colour-channel permutations of the few shots
 
     def as_dict(self):
         return asdict(self)
 
 
-def rvpt_loss(cls, frozen_cls, feature, text, logit_scale, labels, alpha, margin=None):
+# The lab ViT has 6 blocks and 16 patches: fewer prompts and unprompted blocks than ViT-B-32's b=50, D=3.
+# lr/epochs: the best of a small sweep on the BadNet lab model (README, "RVPT on the lab models").
+LAB_DEFAULTS = dict(start=2, tokens=8, lr=0.1, epochs=60)
+
+
+def default_config(model_name, **overrides):
+    """SPEC.md's defaults for real CLIP, LAB_DEFAULTS for lab models; `overrides` that are None are ignored."""
+    base = dict(LAB_DEFAULTS) if model_name.startswith("lab-") else {}
+    base.update({k: v for k, v in overrides.items() if v is not None})
+    return RVPTConfig(**base)
+
+
+def rvpt_loss(cls, frozen_cls, feature, text, logit_scale, labels, alpha=2.0, margin=None):
     """L_CE + alpha * L_FR; L_FR = mean_i mean_d cos(c_i^d, sigma_i^d) (optionally floored at m)."""
     logits = logit_scale * F.normalize(feature, dim=-1) @ text.t()
     ce = F.cross_entropy(logits, labels)
@@ -74,7 +88,8 @@ def tune(clip, train, text, cfg, backend="shared", progress=True):
         total = 0.0
         for i in range(steps_per_epoch):
             b = perm[i * cfg.batch:(i + 1) * cfg.batch]
-            loss = rvpt_step_loss(clip, prompts, images[b], labels[b], text, cfg, backend)
+            x = augment(images[b], g) if cfg.augment else images[b]
+            loss = rvpt_step_loss(clip, prompts, x, labels[b], text, cfg, backend)
             if not torch.isfinite(loss):
                 raise UserError(f"loss became {loss.item()} at epoch {epoch + 1} step {i + 1}; "
                                 f"lower --lr (now {cfg.lr}) or check the model and data")

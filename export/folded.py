@@ -1,0 +1,109 @@
+"""The deployable purified CLIP classifier as one plain-torch module, for export and benchmarks.
+
+Everything that does not depend on the image is folded into constant buffers when it is built:
+- each prompted block's prompt LayerNorm + K/V projection (prompted_vit.prompt_kv): the prompts are
+  constants after tuning, so their K/V are too, and the prompt rows themselves are never computed;
+- the text tower: one classifier matrix (K, E), already multiplied by CLIP's logit scale.
+The forward is prompted_vit.shared_block (plain torch ops, exportable; the Triton kernels are not).
+"""
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from engine import prompted_vit
+from engine.errors import UserError
+from engine.models import load_model
+from engine.tune import load_prompts
+
+
+class FoldedClassifier(nn.Module):
+    """Normalised images (N, 3, S, S) -> (logits (N, K), L2-normalised image features (N, E)).
+    prompts=None gives the unprompted (no-defense) model through the same code path."""
+
+    def __init__(self, visual, classifier, logit_scale, prompts=None, start=None):
+        super().__init__()
+        blocks = visual.transformer.resblocks
+        self.visual = visual
+        self.start = len(blocks) if prompts is None else int(start)
+        if prompts is not None:
+            check_prompt_shape(prompts, self.start, len(blocks), visual.transformer.width)
+        with torch.no_grad():
+            for i in range(self.start, len(blocks)):
+                kv = prompted_vit.prompt_kv(blocks[i], prompts[i - self.start].to(classifier.device))
+                self.register_buffer(f"prompt_kv_{i}", kv.float().contiguous())
+            self.register_buffer("classifier", (classifier.float() * logit_scale).contiguous())
+        # CLIP pools the class token: the last block needs that row only.
+        self.cls_only = prompted_vit._cls_pooled(visual)
+
+    @property
+    def prompt_tokens(self):
+        kv = getattr(self, f"prompt_kv_{self.start}", None)
+        return 0 if kv is None else kv.shape[2]
+
+    def forward(self, images):
+        blocks = self.visual.transformer.resblocks
+        h = self.visual._embeds(images)
+        for i, blk in enumerate(blocks):
+            kv = getattr(self, f"prompt_kv_{i}") if i >= self.start else None
+            h = prompted_vit.shared_block(blk, h, kv, cls_only=self.cls_only and i == len(blocks) - 1)
+        z = F.normalize(prompted_vit._head(self.visual, h), dim=-1)
+        return z @ self.classifier.t(), z
+
+
+def check_prompt_shape(prompts, start, layers, width):
+    """Prompts must be (L - D, b, W) for this ViT, else a UserError naming both shapes."""
+    want = f"({layers - start}, b, {width}) for a {layers}-block, width-{width} ViT with D={start}"
+    if not 0 <= start < layers:
+        raise UserError(f"prompt start D={start} does not fit a {layers}-block ViT")
+    if prompts.dim() != 3 or prompts.shape[0] != layers - start or prompts.shape[2] != width:
+        raise UserError(f"prompts of shape {tuple(prompts.shape)} do not match the model: expected {want}")
+
+
+@dataclass
+class Source:
+    """A folded model plus what the exported file should record about where it came from."""
+    module: FoldedClassifier
+    clip: object
+    classes: list
+    info: dict = field(default_factory=dict)
+
+
+def build(clip, classes, templates, prompts=None, start=None, info=None):
+    text = clip.text_features(classes, templates)
+    module = FoldedClassifier(clip.visual, text, clip.logit_scale, prompts, start).eval()
+    return Source(module, clip, list(classes), dict(info or {}))
+
+
+def from_run(run_dir, model=None, checkpoint=None, pretrained=None, prompted=True):
+    """Folded model of a tuning run (engine.tune's prompts.safetensors); model spec from its metadata
+    unless overridden. prompted=False: the same CLIP without prompts (the no-defense comparison)."""
+    path = Path(run_dir) / "prompts.safetensors"
+    if not Path(run_dir).is_dir():
+        raise UserError(f"run directory {run_dir} does not exist")
+    if not path.is_file():
+        raise UserError(f"{run_dir} has no prompts.safetensors: not an engine.tune run directory")
+    prompts, meta = load_prompts(path)
+    for key in ("model", "start", "classes", "templates"):
+        if key not in meta:
+            raise UserError(f"{path} metadata lacks '{key}': not written by engine.tune")
+    model = model or meta["model"]
+    if checkpoint is None and pretrained is None and model == meta["model"]:
+        checkpoint, pretrained = meta.get("checkpoint"), meta.get("pretrained")  # another model: random weights
+    clip = load_model(model, pretrained, checkpoint)
+    if prompted:  # before the text tower runs: a mismatch is the likeliest error
+        blocks = clip.visual.transformer.resblocks
+        check_prompt_shape(prompts, int(meta["start"]), len(blocks), clip.visual.transformer.width)
+    # The run's CA/ASR describe the run's own weights only.
+    same = (model, checkpoint, pretrained) == (meta["model"], meta.get("checkpoint"), meta.get("pretrained"))
+    results = (meta.get("after" if prompted else "before") or {}) if same else {}
+    info = {"model": model, "checkpoint": str(checkpoint) if checkpoint else None, "pretrained": pretrained,
+            "source_run": str(run_dir), "attack": meta.get("attack"), "target": meta.get("target"),
+            "templates": meta["templates"], "ca": results.get("ca"), "asr": results.get("asr"),
+            "before": meta.get("before") if same else None, "after": meta.get("after") if same else None}
+    if not prompted:
+        return build(clip, meta["classes"], meta["templates"], info=info)
+    info.update(prompt_start=int(meta["start"]), prompt_tokens=int(prompts.shape[1]))
+    return build(clip, meta["classes"], meta["templates"], prompts, int(meta["start"]), info)
