@@ -87,7 +87,8 @@ def format_table(rows):
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="python -m engine.tune", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--defense", default="rvpt", choices=["rvpt"], help="defense to run")
+    p.add_argument("--defense", default="rvpt", choices=["rvpt", "cbpt"],
+                   help="defense to run (cbpt: --epochs/--lr/--seed apply; see engine/defenses/cbpt.py)")
     p.add_argument("--fused", action="store_true", help="fast path: Triton kernels on CUDA, shared torch path on CPU")
     p.add_argument("--backend", choices=prompted_vit.BACKENDS, default=None, help="force one prompted-ViT implementation")
     m = p.add_argument_group("model")
@@ -140,7 +141,6 @@ def run(args):
         raise UserError(f"train and test class lists differ: {train_all.classes} vs {test.classes}")
     target = resolve_target(args.target, test.classes)
     train = train_all.subset(D.few_shot_indices(train_all.labels, args.shots, args.seed))
-    cfg = rvpt_config(args)
     trigger = make_trigger(args.attack, clip.image_size, args.trigger_seed)
     print(f"model {args.model} ({checkpoint or args.pretrained or 'random weights'}) on {device}; "
           f"backend {backend_note}")
@@ -148,35 +148,50 @@ def run(args):
           f"attack {args.attack} -> '{test.classes[target]}'")
     text = clip.text_features(test.classes, D.DEFAULT_TEMPLATES)
     before = evaluate_attack(clip, test, trigger, target, text=text)
-    t_tune = time.time()
-    prompts, history = rvpt.tune(clip, train, text, cfg, backend, progress=not args.quiet)
-    tune_seconds = time.time() - t_tune
-    eval_backend = "shared" if backend == "naive" else backend  # same numbers, faster
-    after = evaluate_attack(clip, test, trigger, target, encode=prompted_vit.encoder(clip.visual, prompts, eval_backend), text=text)
+    if args.defense == "cbpt":
+        from .defenses import cbpt
+        tuned = cbpt.tune_for_run(args, clip, train, test, trigger, target, text)
+    else:
+        tuned = tune_rvpt(args, clip, train, test, trigger, target, text, backend)
     results = {
-        "defense": args.defense if cfg.alpha != 0 else "vpt (rvpt with alpha=0)",
+        "defense": tuned["defense"],
         "model": args.model, "checkpoint": str(checkpoint) if checkpoint else None, "pretrained": args.pretrained,
         "dataset": args.dataset, "classes": test.classes,
-        "attack": args.attack, "target": test.classes[target], "shots": args.shots, "backend": backend,
-        "device": str(device), "seconds": round(time.time() - t0, 2), "tune_seconds": round(tune_seconds, 2),
-        "before": before, "after": after,
-        "tuned_params": prompted_vit.parameter_count(prompts),
-        "total_params": prompted_vit.parameter_count(clip.model),
-        "config": cfg.as_dict(), "loss_history": [round(x, 5) for x in history],
-        "test_images": len(test),
+        "attack": args.attack, "target": test.classes[target], "shots": args.shots, "backend": tuned["backend"],
+        "device": str(device), "seconds": round(time.time() - t0, 2), "tune_seconds": round(tuned["seconds"], 2),
+        "before": before, "after": tuned["after"],
+        "tuned_params": tuned["tuned_params"], "total_params": prompted_vit.parameter_count(clip.model),
+        "config": tuned["config"], "loss_history": [round(x, 5) for x in tuned["history"]],
+        "test_images": len(test), **tuned["extra"],
     }
     meta = {"model": args.model, "checkpoint": results["checkpoint"], "pretrained": args.pretrained,
-            "start": cfg.start, "classes": test.classes, "templates": D.DEFAULT_TEMPLATES,
+            "classes": test.classes, "templates": D.DEFAULT_TEMPLATES,
             "image_size": clip.image_size, "mean": list(clip.mean), "std": list(clip.std),
-            "before": before, "after": after, "attack": args.attack, "target": test.classes[target]}
+            "before": before, "after": tuned["after"], "attack": args.attack, "target": test.classes[target],
+            **tuned["meta"]}
     with atomic_dir(out_dir) as tmp:
-        save_prompts(tmp / "prompts.safetensors", prompts, meta)
+        tuned["write"](tmp, meta)
         write_json(tmp / "results.json", results)
-    print(format_table([("before", before), ("after", after)]))
+    print(format_table([("before", before), ("after", tuned["after"])]))
     pct = 100.0 * results["tuned_params"] / results["total_params"]
     print(f"tuned {results['tuned_params']:,} of {results['total_params']:,} parameters ({pct:.2f}%) "
-          f"in {tune_seconds:.1f} s; results in {out_dir}/results.json")
+          f"in {tuned['seconds']:.1f} s; results in {out_dir}/results.json")
     return results
+
+
+def tune_rvpt(args, clip, train, test, trigger, target, text, backend):
+    """The rvpt branch of run: tune visual prompts, evaluate through them, write prompts.safetensors."""
+    cfg = rvpt_config(args)
+    t0 = time.time()
+    prompts, history = rvpt.tune(clip, train, text, cfg, backend, progress=not args.quiet)
+    seconds = time.time() - t0
+    eval_backend = "shared" if backend == "naive" else backend  # same numbers, faster
+    encode = prompted_vit.encoder(clip.visual, prompts, eval_backend)
+    after = evaluate_attack(clip, test, trigger, target, encode=encode, text=text)
+    return {"defense": "rvpt" if cfg.alpha != 0 else "vpt (rvpt with alpha=0)", "backend": backend,
+            "after": after, "seconds": seconds, "tuned_params": prompted_vit.parameter_count(prompts),
+            "config": cfg.as_dict(), "history": history, "extra": {}, "meta": {"start": cfg.start},
+            "write": lambda folder, meta: save_prompts(folder / "prompts.safetensors", prompts, meta)}
 
 
 def main(argv=None):

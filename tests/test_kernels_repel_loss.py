@@ -5,7 +5,6 @@ Tolerance: max |kernel - fp64 reference| <= 2 * max |torch in the same dtype - f
 + FLOOR[dtype] * max(1, max |fp64 reference|): an absolute floor for O(1) values, a few ulps of larger ones.
 """
 import importlib
-import os
 
 import pytest
 import torch
@@ -13,27 +12,20 @@ import torch.nn.functional as F
 
 pytest.importorskip("triton")
 
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-DEVICE = "cuda" if torch.cuda.is_available() and not INTERPRET else "cpu"
-if DEVICE == "cpu" and not INTERPRET:
-    pytest.skip("needs CUDA or TRITON_INTERPRET=1 (set by tests/conftest.py)", allow_module_level=True)
+from kernel_helpers import DEVICE, DTYPES, SKIP_REASON, poison_buffers  # noqa: E402
+
+if SKIP_REASON:
+    pytest.skip(SKIP_REASON, allow_module_level=True)
 
 rl = importlib.import_module("kernels.repel_loss")
 
 # Floors on top of the 2x rule, per dtype (scaled by the magnitude of the reference, see above).
 FLOOR = {torch.float32: 1e-6, torch.float16: 1e-4, torch.bfloat16: 1e-3}
-DTYPES = [
-    torch.float32,
-    torch.float16,
-    pytest.param(torch.bfloat16, marks=pytest.mark.skipif(
-        INTERPRET, reason="bf16 is wrong under the Triton interpreter (stored as uint16, upstream bug)")),
-]
 
 
 @pytest.fixture(autouse=True)
 def nan_buffers(monkeypatch):
-    """Every buffer the kernel should fully write starts as NaN: an unwritten element fails."""
-    monkeypatch.setattr(rl, "_empty", lambda shape, dtype, device: torch.full(shape, float("nan"), dtype=dtype, device=device))
+    poison_buffers(monkeypatch, rl)
 
 
 def make_inputs(B, P, W, E, K):

@@ -1,0 +1,23 @@
+"""What both kernel test modules need: where the kernels run, the dtypes, NaN-poisoned output buffers.
+
+Without CUDA the kernels run under the Triton interpreter (tests/conftest.py sets TRITON_INTERPRET=1)."""
+import os
+
+import pytest
+import torch
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+DEVICE = "cuda" if torch.cuda.is_available() and not INTERPRET else "cpu"
+SKIP_REASON = None if DEVICE == "cuda" or INTERPRET else "needs CUDA or TRITON_INTERPRET=1 (set by tests/conftest.py)"
+DTYPES = [
+    torch.float32,
+    torch.float16,
+    pytest.param(torch.bfloat16, marks=pytest.mark.skipif(
+        INTERPRET, reason="bf16 is wrong under the Triton interpreter (stored as uint16, upstream bug)")),
+]
+
+
+def poison_buffers(monkeypatch, module):
+    """Every buffer the module's kernels should fully write starts as NaN: an unwritten element fails."""
+    monkeypatch.setattr(module, "_empty",
+                        lambda shape, dtype, device: torch.full(shape, float("nan"), dtype=dtype, device=device))
