@@ -96,8 +96,8 @@ def _row(kind, shape, dtype, ms, ms_torch, flops, nbytes, peak):
 def bench_cuda(batches, dtypes, device="cuda"):
     from triton.testing import do_bench
 
-    from kernels import prompt_attention, repel_ce_loss
-    from kernels.repel_loss import repel_ce_loss_reference
+    from kernels.prompt_attention import prompt_attention
+    from kernels.repel_loss import repel_ce_loss, repel_ce_loss_reference
 
     dev = torch.device(device)
     name, peak = _peaks()

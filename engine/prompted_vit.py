@@ -62,7 +62,7 @@ def torch_prompt_attention(q, k, v, k_p, v_p, scale=None):
 
 
 def _triton_prompt_attention(q, k, v, k_p, v_p, scale):
-    from kernels import prompt_attention
+    from kernels.prompt_attention import prompt_attention  # the module's function: the package name is shadowed
     return prompt_attention(q, k, v, k_p, v_p, scale)
 
 

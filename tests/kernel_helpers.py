@@ -1,6 +1,9 @@
 """What both kernel test modules need: where the kernels run, the dtypes, NaN-poisoned output buffers.
 
-Without CUDA the kernels run under the Triton interpreter (tests/conftest.py sets TRITON_INTERPRET=1)."""
+Without CUDA the kernels run under the Triton interpreter (tests/conftest.py sets TRITON_INTERPRET=1).
+Tolerance rule of the kernel tests: max |kernel - fp64 reference| <= 2 * max |torch in the same dtype - fp64
+reference| + FLOOR[dtype] * max(1, max |fp64 reference|): an absolute floor for O(1) values, a few ulps of
+larger ones (a purely absolute fp32 floor is below the rounding step of a loss around 10)."""
 import os
 
 import pytest

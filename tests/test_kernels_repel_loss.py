@@ -1,9 +1,5 @@
 """kernels.repel_ce_loss against the torch reference: the loss and the gradients w.r.t. c and z.
-
-Without CUDA this runs under the Triton interpreter (tests/conftest.py sets TRITON_INTERPRET=1).
-Tolerance: max |kernel - fp64 reference| <= 2 * max |torch in the same dtype - fp64 reference|
-+ FLOOR[dtype] * max(1, max |fp64 reference|): an absolute floor for O(1) values, a few ulps of larger ones.
-"""
+Tolerance rule and the interpreter set-up: tests/kernel_helpers.py."""
 import importlib
 
 import pytest

@@ -1,5 +1,7 @@
 """A full RVPT step through the fused path (Triton kernels, interpreter on CPU) gives the same loss and
 prompt gradients as the `shared` torch path, on the lab architecture."""
+import importlib
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -14,11 +16,11 @@ pytestmark = pytest.mark.skipif(not triton_available(), reason="triton not impor
 
 @pytest.mark.parametrize("margin", [None, -0.5])
 def test_rvpt_step_fused_matches_shared(margin, monkeypatch):
-    import kernels
     calls = []
-    for name in ("prompt_attention", "repel_ce_loss"):  # count calls: the kernels must really run
-        fn = getattr(kernels, name)
-        monkeypatch.setattr(kernels, name, lambda *a, _fn=fn, _n=name, **k: calls.append(_n) or _fn(*a, **k))
+    for module, name in (("kernels.prompt_attention", "prompt_attention"), ("kernels.repel_loss", "repel_ce_loss")):
+        mod = importlib.import_module(module)  # count calls: the kernels must really run
+        fn = getattr(mod, name)
+        monkeypatch.setattr(mod, name, lambda *a, _fn=fn, _n=name, **k: calls.append(_n) or _fn(*a, **k))
     clip = load_model("lab-vit")
     x = torch.rand(3, 3, 32, 32)
     y = torch.randint(0, 4, (3,))

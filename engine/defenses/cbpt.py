@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from ..errors import UserError
+from . import descend
 
 INIT_PROMPT = "a photo of a"
 PLACEHOLDER = "x"  # one token in both the lab tokenizer (<unk>) and open_clip's BPE
@@ -95,13 +96,8 @@ def invert_trigger(clip, images, cfg, progress=False):
         m, p = torch.sigmoid(mask_logit), torch.sigmoid(pattern_logit)
         trig = _encode(clip, apply_trigger(x, m, p))
         loss = inversion_loss(trig, clean, cfg.tau) + cfg.lam * m.mean()
-        if not torch.isfinite(loss):
-            raise UserError(f"trigger inversion loss became {loss.item()} at step {step + 1}; "
-                            f"lower inv_lr (now {cfg.inv_lr}) or check the model and data")
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        history.append(loss.item())
+        history.append(descend(loss, opt, where=f"trigger inversion step {step + 1}",
+                               hint=f"lower inv_lr (now {cfg.inv_lr}) or check the model and data"))
         bar.set_postfix(loss=f"{history[-1]:.3f}")
     return torch.sigmoid(mask_logit).detach(), torch.sigmoid(pattern_logit).detach(), history
 
@@ -225,14 +221,8 @@ def tune_prompts(clip, classes, clean_feats, trig_feats, labels, hand_text, cfg,
     bar = tqdm(range(cfg.epochs), desc="cbpt prompts", file=sys.stderr, disable=not progress, mininterval=2)
     for step in bar:
         loss = cbpt_loss(prompts(), clean_feats, trig_feats, labels, hand_text, clip.logit_scale, cfg.beta)
-        if not torch.isfinite(loss):
-            raise UserError(f"loss became {loss.item()} at step {step + 1}; lower --lr (now {cfg.lr}) "
-                            f"or check the model and data")
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        history.append(loss.item())
+        history.append(descend(loss, opt, sched, where=f"step {step + 1}",
+                               hint=f"lower --lr (now {cfg.lr}) or check the model and data"))
         bar.set_postfix(loss=f"{history[-1]:.3f}")
     return prompts.requires_grad_(False), history
 

@@ -12,7 +12,7 @@ from tqdm import tqdm
 
 from .. import prompted_vit
 from ..augment import augment
-from ..errors import UserError
+from . import descend
 
 
 @dataclass
@@ -58,7 +58,7 @@ def rvpt_loss(cls, frozen_cls, feature, text, logit_scale, labels, alpha=2.0, ma
 
 def _loss_fn(backend):
     if backend == "triton":
-        from kernels import repel_ce_loss
+        from kernels.repel_loss import repel_ce_loss
         return repel_ce_loss
     return rvpt_loss
 
@@ -90,14 +90,8 @@ def tune(clip, train, text, cfg, backend="shared", progress=True):
             b = perm[i * cfg.batch:(i + 1) * cfg.batch]
             x = augment(images[b], g) if cfg.augment else images[b]
             loss = rvpt_step_loss(clip, prompts, x, labels[b], text, cfg, backend)
-            if not torch.isfinite(loss):
-                raise UserError(f"loss became {loss.item()} at epoch {epoch + 1} step {i + 1}; "
-                                f"lower --lr (now {cfg.lr}) or check the model and data")
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            total += loss.item() * len(b)
+            total += len(b) * descend(loss, opt, sched, where=f"epoch {epoch + 1} step {i + 1}",
+                                      hint=f"lower --lr (now {cfg.lr}) or check the model and data")
         history.append(total / n)
         bar.set_postfix(loss=f"{history[-1]:.3f}")
     return prompts.requires_grad_(False), history
