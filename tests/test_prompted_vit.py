@@ -7,7 +7,7 @@ from engine import prompted_vit as P
 from engine.defenses.rvpt import RVPTConfig, rvpt_step_loss
 from engine.models import load_model
 
-CASES = [("lab-vit", 2, 8, 4), ("ViT-B-32", 3, 50, 2)]
+CASES = [("lab-vit", 2, 8, 4), ("lab-vit", 0, 16, 3), ("ViT-B-32", 3, 50, 2)]
 
 
 def rel_err(a, b):
