@@ -183,11 +183,12 @@ def cmd_poison(args):
 
 def cmd_all(args):
     """Every stage in order, each recorded in the manifest as if run on its own."""
-    base = ["--epochs", str(args.epochs), "--lr", str(args.lr), "--batch", str(args.batch), "--seed", str(args.seed)]
-    main(["pretrain", *base])
+    shared = ["--batch", str(args.batch), "--seed", str(args.seed), "--target", args.target,
+              "--trigger-seed", str(args.trigger_seed)] + (["--data-dir", args.data_dir] if args.data_dir else [])
+    main(["pretrain", "--epochs", str(args.epochs), "--lr", str(args.lr), *shared])
     for attack in args.attacks:
         main(["poison", "--attack", attack, "--epochs", str(args.poison_epochs), "--lr", str(args.poison_lr),
-              "--batch", str(args.batch), "--seed", str(args.seed), "--out", str(LAB_CHECKPOINTS / f"{attack}.safetensors")])
+              "--out", str(LAB_CHECKPOINTS / f"{attack}.safetensors"), *shared])
 
 
 def main(argv=None):

@@ -1,5 +1,4 @@
 """CA, ASR and PA as SPEC.md defines them, in percent (0..100)."""
-import torch
 
 
 def clean_accuracy(preds, labels):

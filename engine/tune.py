@@ -12,6 +12,7 @@ import argparse
 import json
 import time
 from datetime import datetime
+from pathlib import Path
 
 import torch
 
@@ -196,8 +197,7 @@ def tune_rvpt(args, clip, train, test, trigger, target, text, backend):
 
 def main(argv=None):
     args = parse_args(argv)
-    if args.out:
-        from pathlib import Path
+    if args.out:  # checked before any work; atomic_dir checks again at the end
         out = Path(args.out)
         if out.exists() and (not out.is_dir() or any(out.iterdir())):
             raise UserError(f"--out {out} already exists and is not empty")
