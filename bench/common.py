@@ -1,4 +1,5 @@
 """Helpers shared by the benchmark scripts: timing, machine description, result files."""
+import json
 import os
 import platform
 import sys
@@ -53,3 +54,11 @@ def latency_stats(seconds, batch):
 def command(module, argv):
     """The command line that reproduces a benchmark run."""
     return " ".join(["python -m", module, *(sys.argv[1:] if argv is None else argv)])
+
+
+def bundled_attacks():
+    """Backdoored lab models that ship in checkpoints/lab (the manifest also lists unbundled ones)."""
+    from engine.models import LAB_CHECKPOINTS
+    manifest = json.loads((LAB_CHECKPOINTS / "manifest.json").read_text())
+    return [name for name, entry in manifest["models"].items()
+            if name != "clean" and (LAB_CHECKPOINTS / entry["file"]).is_file()]

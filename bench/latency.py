@@ -21,7 +21,8 @@ from engine.defenses.rvpt import default_config
 from engine.errors import UserError
 from engine.io import atomic_path, write_json
 from engine.models import bundled_checkpoint, load_model
-from engine.tune import load_prompts, resolve_target
+from engine.runs import load_prompts
+from engine.tune import resolve_target
 from export import folded
 from export.onnx import export
 from export.predict import evaluate

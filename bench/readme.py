@@ -15,11 +15,13 @@ ROOT = Path(__file__).resolve().parent.parent
 def lab_models_table():
     """The bundled lab models and their measured no-defense numbers, from checkpoints/lab/manifest.json."""
     m = json.loads((LAB_CHECKPOINTS / "manifest.json").read_text())
-    lines = ["| model | poisoned pairs | no-defense CA % | no-defense ASR % | build s |", "|---|---|---|---|---|"]
+    lines = ["| model | bundled | poisoned pairs | no-defense CA % | no-defense ASR % | build s |",
+             "|---|---|---|---|---|---|"]
     for name, r in m["models"].items():
         rate = f"{100 * r['poison_rate']:.1f}%" if "poison_rate" in r else "-"
         asr = f"{r['asr']:.2f}" if "asr" in r else "-"
-        lines.append(f"| {name} | {rate} | {r['ca']:.2f} | {asr} | {r['seconds']} |")
+        bundled = "yes" if (LAB_CHECKPOINTS / r["file"]).is_file() else "no (" + r.get("note", "rebuild: see command") + ")"
+        lines.append(f"| {name} | {bundled} | {rate} | {r['ca']:.2f} | {asr} | {r['seconds']} |")
     return "\n".join(lines) + "\n"
 
 

@@ -5,21 +5,14 @@
 
 Writes bench/results/rvpt_lab.json and .md (the README's security table comes from it)."""
 import argparse
-import json
 import statistics
 import tempfile
 from pathlib import Path
 
 from engine import tune
 from engine.io import atomic_path, write_json
-from engine.models import LAB_CHECKPOINTS
 
-from .common import command, machine
-
-
-def bundled_attacks():
-    manifest = json.loads((LAB_CHECKPOINTS / "manifest.json").read_text())
-    return [a for a in manifest["models"] if a != "clean"]
+from .common import bundled_attacks, command, machine
 
 
 def markdown(rows):

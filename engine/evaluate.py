@@ -6,18 +6,23 @@ from .data import DEFAULT_TEMPLATES
 from .metrics import attack_success_rate, clean_accuracy, poisoned_accuracy
 
 
+def image_features(clip, images, encode=None):
+    """L2-normalised features (N, E) of [0, 1] images on clip.device. `encode` maps normalised images to
+    features (default: the unprompted image tower). Differentiable: callers choose no_grad."""
+    encode = encode or clip.model.encode_image
+    return F.normalize(encode(clip.normalise(images.to(clip.device))).float(), dim=-1)
+
+
 @torch.no_grad()
 def predict(clip, images, text, encode=None, batch=500, transform=None):
-    """Top-1 class of each [0, 1] image. `encode` maps normalised images to features (default: the
-    unprompted image tower); `transform` (a trigger) is applied to raw images first."""
-    encode = encode or clip.model.encode_image
+    """Top-1 class of each [0, 1] image under the classifier `text` (K, E): argmax of z @ text.t().
+    `transform` (a trigger) is applied to the raw images first."""
     preds = []
     for i in range(0, len(images), batch):
         x = images[i:i + batch].to(clip.device)
         if transform is not None:
             x = transform(x)
-        z = F.normalize(encode(clip.normalise(x)).float(), dim=-1)
-        preds.append((z @ text.t()).argmax(1).cpu())
+        preds.append((image_features(clip, x, encode) @ text.t()).argmax(1).cpu())
     return torch.cat(preds)
 
 

@@ -2,28 +2,30 @@
 
     python -m engine.tune --fused                       # RVPT on the bundled BadNet lab model
     python -m engine.tune --attack blended --alpha 0    # plain deep VPT, the ablation
+    python -m engine.tune --defense cbpt --attack sig   # CBPT (trigger inversion + class-wise text prompts)
     python -m engine.tune --model ViT-B-32 --pretrained openai --dataset folder:/data/pets \
         --attack badnet --target cat                    # a real CLIP and your own images
 
-Prints CA/ASR before and after, writes prompts.safetensors and results.json to --out. Nothing is
-written to --out unless the whole run succeeds.
+Prints CA/ASR before and after, writes results.json and what the defense tuned (engine/runs.py:
+prompts.safetensors, classifier.safetensors or model.safetensors) to --out. Nothing is written to
+--out unless the whole run succeeds.
 """
 import argparse
-import json
 import time
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
 import torch
 
 from . import data as D
-from . import prompted_vit
+from . import prompted_vit, runs
 from .cli import run_cli
-from .defenses import rvpt
 from .errors import UserError
 from .evaluate import evaluate_attack
 from .io import atomic_dir, write_json
 from .models import bundled_checkpoint, is_lab, load_model
+from .purify import DEFENSES
 from .triggers import TRIGGERS, make_trigger
 
 
@@ -59,25 +61,6 @@ def resolve_target(target, classes):
     return classes.index(target)
 
 
-def save_prompts(path, prompts, meta):
-    from safetensors.torch import save_file
-    save_file({"prompts": prompts.prompts.detach().cpu().contiguous()}, str(path),
-              metadata={k: json.dumps(v) for k, v in meta.items()})
-
-
-def load_prompts(path):
-    """(prompts tensor (L-D, b, W), metadata dict) from a run's prompts.safetensors."""
-    from safetensors import safe_open
-    try:
-        with safe_open(str(path), "pt") as f:
-            meta = {k: json.loads(v) for k, v in (f.metadata() or {}).items()}
-            return f.get_tensor("prompts"), meta
-    except FileNotFoundError as e:
-        raise UserError(f"no prompts file at {path}") from e
-    except Exception as e:
-        raise UserError(f"cannot read prompts from {path}: {e}") from e
-
-
 def format_table(rows):
     """rows: (label, {'ca', 'asr', 'pa'}) -> an aligned text table."""
     lines = [f"{'':<12}{'CA %':>8}{'ASR %':>8}{'PA %':>8}"]
@@ -88,8 +71,9 @@ def format_table(rows):
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="python -m engine.tune", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--defense", default="rvpt", choices=["rvpt", "cbpt"],
-                   help="defense to run (cbpt: --epochs/--lr/--seed apply; see engine/defenses/cbpt.py)")
+    p.add_argument("--defense", default="rvpt", choices=sorted(DEFENSES),
+                   help="rvpt (default), cbpt, rvpt+cbpt, or a baseline: vpt (rvpt with alpha 0), coop (cbpt "
+                        "without inversion), linear-probe, cleanclip; --epochs/--lr override each one's defaults")
     p.add_argument("--fused", action="store_true", help="fast path: Triton kernels on CUDA, shared torch path on CPU")
     p.add_argument("--backend", choices=prompted_vit.BACKENDS, default=None, help="force one prompted-ViT implementation")
     m = p.add_argument_group("model")
@@ -105,9 +89,9 @@ def parse_args(argv=None):
     d.add_argument("--trigger-seed", type=int, default=0)
     d.add_argument("--shots", type=int, default=16, help="clean labelled images per class")
     d.add_argument("--eval-limit", type=int, default=None, help="evaluate on the first N test images only")
-    t = p.add_argument_group("RVPT (defaults: SPEC.md for real CLIP; rvpt.LAB_DEFAULTS for lab-vit)")
-    t.add_argument("--epochs", type=int, default=None)
-    t.add_argument("--lr", type=float, default=None)
+    t = p.add_argument_group("tuning (defaults: SPEC.md for real CLIP; each defense's LAB_DEFAULTS for lab-vit)")
+    t.add_argument("--epochs", type=int, default=None, help="override the defense's epochs (steps for cbpt/coop)")
+    t.add_argument("--lr", type=float, default=None, help="override the defense's learning rate")
     t.add_argument("--batch", type=int, default=32)
     t.add_argument("--alpha", type=float, default=2.0, help="feature-repelling weight (0 = plain deep VPT)")
     t.add_argument("--margin", type=float, default=None)
@@ -121,15 +105,21 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def rvpt_config(args):
-    return rvpt.default_config(args.model, start=args.prompt_start, tokens=args.prompt_tokens, alpha=args.alpha,
-                               margin=args.margin, lr=args.lr, epochs=args.epochs, batch=args.batch,
-                               seed=args.seed, augment=args.augment)
+@dataclass
+class Job:
+    """Everything a defense needs, loaded once from the flags (bench.defense_matrix reuses it)."""
+    clip: object
+    train: object             # the few-shot ImageSet
+    test: object
+    trigger: object
+    target: int
+    text: torch.Tensor        # hand-written zero-shot classifier (K, E) from `templates`
+    templates: list
+    backend: str
+    checkpoint: object
 
 
-def run(args):
-    t0 = time.time()
-    out_dir = args.out or f"runs/{datetime.now():%Y%m%d-%H%M%S}"
+def prepare(args, log=print):
     device = resolve_device(args.device)
     backend, backend_note = pick_backend(args.fused, args.backend, device)
     checkpoint = args.checkpoint
@@ -143,56 +133,45 @@ def run(args):
     target = resolve_target(args.target, test.classes)
     train = train_all.subset(D.few_shot_indices(train_all.labels, args.shots, args.seed))
     trigger = make_trigger(args.attack, clip.image_size, args.trigger_seed)
-    print(f"model {args.model} ({checkpoint or args.pretrained or 'random weights'}) on {device}; "
-          f"backend {backend_note}")
-    print(f"{args.shots}-shot {args.dataset}: {len(train)} tuning images, {len(test)} test images; "
-          f"attack {args.attack} -> '{test.classes[target]}'")
+    log(f"model {args.model} ({checkpoint or args.pretrained or 'random weights'}) on {device}; "
+        f"backend {backend_note}")
+    log(f"{args.shots}-shot {args.dataset}: {len(train)} tuning images, {len(test)} test images; "
+        f"attack {args.attack} -> '{test.classes[target]}'")
     text = clip.text_features(test.classes, D.DEFAULT_TEMPLATES)
-    before = evaluate_attack(clip, test, trigger, target, text=text)
-    if args.defense == "cbpt":
-        from .defenses import cbpt
-        tuned = cbpt.tune_for_run(args, clip, train, test, trigger, target, text)
-    else:
-        tuned = tune_rvpt(args, clip, train, test, trigger, target, text, backend)
+    return Job(clip, train, test, trigger, target, text, D.DEFAULT_TEMPLATES, backend, checkpoint)
+
+
+def run(args):
+    t0 = time.time()
+    out_dir = args.out or f"runs/{datetime.now():%Y%m%d-%H%M%S}"
+    job = prepare(args)
+    clip, test, target, checkpoint = job.clip, job.test, job.target, job.checkpoint
+    before = evaluate_attack(clip, test, job.trigger, target, text=job.text)
+    tuned = DEFENSES[args.defense](args, job)
     results = {
-        "defense": tuned["defense"],
+        "defense": tuned.defense,
         "model": args.model, "checkpoint": str(checkpoint) if checkpoint else None, "pretrained": args.pretrained,
         "dataset": args.dataset, "classes": test.classes,
-        "attack": args.attack, "target": test.classes[target], "shots": args.shots, "backend": tuned["backend"],
-        "device": str(device), "seconds": round(time.time() - t0, 2), "tune_seconds": round(tuned["seconds"], 2),
-        "before": before, "after": tuned["after"],
-        "tuned_params": tuned["tuned_params"], "total_params": prompted_vit.parameter_count(clip.model),
-        "config": tuned["config"], "loss_history": [round(x, 5) for x in tuned["history"]],
-        "test_images": len(test), **tuned["extra"],
+        "attack": args.attack, "target": test.classes[target], "shots": args.shots, "backend": tuned.backend,
+        "device": str(clip.device), "seconds": round(time.time() - t0, 2), "tune_seconds": round(tuned.seconds, 2),
+        "before": before, "after": tuned.after,
+        "tuned_params": tuned.tuned_params, "total_params": prompted_vit.parameter_count(clip.model),
+        "config": tuned.config, "loss_history": [round(x, 5) for x in tuned.history],
+        "test_images": len(test), **tuned.extra,
     }
     meta = {"model": args.model, "checkpoint": results["checkpoint"], "pretrained": args.pretrained,
-            "classes": test.classes, "templates": D.DEFAULT_TEMPLATES,
+            "classes": test.classes, "templates": job.templates,
             "image_size": clip.image_size, "mean": list(clip.mean), "std": list(clip.std),
-            "before": before, "after": tuned["after"], "attack": args.attack, "target": test.classes[target],
-            **tuned["meta"]}
+            "before": before, "after": tuned.after, "attack": args.attack, "target": test.classes[target],
+            "defense": tuned.defense}
     with atomic_dir(out_dir) as tmp:
-        tuned["write"](tmp, meta)
+        runs.write(tmp, tuned, meta)
         write_json(tmp / "results.json", results)
-    print(format_table([("before", before), ("after", tuned["after"])]))
+    print(format_table([("before", before), ("after", tuned.after)]))
     pct = 100.0 * results["tuned_params"] / results["total_params"]
     print(f"tuned {results['tuned_params']:,} of {results['total_params']:,} parameters ({pct:.2f}%) "
-          f"in {tuned['seconds']:.1f} s; results in {out_dir}/results.json")
+          f"in {tuned.seconds:.1f} s; results in {out_dir}/results.json")
     return results
-
-
-def tune_rvpt(args, clip, train, test, trigger, target, text, backend):
-    """The rvpt branch of run: tune visual prompts, evaluate through them, write prompts.safetensors."""
-    cfg = rvpt_config(args)
-    t0 = time.time()
-    prompts, history = rvpt.tune(clip, train, text, cfg, backend, progress=not args.quiet)
-    seconds = time.time() - t0
-    eval_backend = "shared" if backend == "naive" else backend  # same numbers, faster
-    encode = prompted_vit.encoder(clip.visual, prompts, eval_backend)
-    after = evaluate_attack(clip, test, trigger, target, encode=encode, text=text)
-    return {"defense": "rvpt" if cfg.alpha != 0 else "vpt (rvpt with alpha=0)", "backend": backend,
-            "after": after, "seconds": seconds, "tuned_params": prompted_vit.parameter_count(prompts),
-            "config": cfg.as_dict(), "history": history, "extra": {}, "meta": {"start": cfg.start},
-            "write": lambda folder, meta: save_prompts(folder / "prompts.safetensors", prompts, meta)}
 
 
 def main(argv=None):

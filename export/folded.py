@@ -7,16 +7,14 @@ Everything that does not depend on the image is folded into constant buffers whe
 The forward is prompted_vit.shared_block (plain torch ops, exportable; the Triton kernels are not).
 """
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from engine import prompted_vit
+from engine import prompted_vit, runs
 from engine.errors import UserError
 from engine.models import load_model
-from engine.tune import load_prompts
 
 
 class FoldedClassifier(nn.Module):
@@ -71,39 +69,40 @@ class Source:
     info: dict = field(default_factory=dict)
 
 
-def build(clip, classes, templates, prompts=None, start=None, info=None):
-    text = clip.text_features(classes, templates)
+def build(clip, classes, templates, prompts=None, start=None, info=None, classifier=None):
+    """classifier: a tuned (K, E) matrix (CBPT, linear probe); default the hand-written text features."""
+    text = clip.text_features(classes, templates) if classifier is None else classifier.to(clip.device)
     module = FoldedClassifier(clip.visual, text, clip.logit_scale, prompts, start).eval()
     return Source(module, clip, list(classes), dict(info or {}))
 
 
 def from_run(run_dir, model=None, checkpoint=None, pretrained=None, prompted=True):
-    """Folded model of a tuning run (engine.tune's prompts.safetensors); model spec from its metadata
-    unless overridden. prompted=False: the same CLIP without prompts (the no-defense comparison)."""
-    path = Path(run_dir) / "prompts.safetensors"
-    if not Path(run_dir).is_dir():
-        raise UserError(f"run directory {run_dir} does not exist")
-    if not path.is_file():
-        raise UserError(f"{run_dir} has no prompts.safetensors: not an engine.tune run directory")
-    prompts, meta = load_prompts(path)
-    for key in ("model", "start", "classes", "templates"):
-        if key not in meta:
-            raise UserError(f"{path} metadata lacks '{key}': not written by engine.tune")
+    """Folded model of an engine.tune run (engine/runs.py): its prompts, tuned classifier and/or
+    fine-tuned weights; model spec from its metadata unless overridden. prompted=False: the run's CLIP
+    before the defense (no prompts, hand-written classifier, original weights), the no-defense comparison."""
+    run = runs.read(run_dir)
+    meta = run.meta
     model = model or meta["model"]
     if checkpoint is None and pretrained is None and model == meta["model"]:
         checkpoint, pretrained = meta.get("checkpoint"), meta.get("pretrained")  # another model: random weights
-    clip = load_model(model, pretrained, checkpoint)
-    if prompted:  # before the text tower runs: a mismatch is the likeliest error
-        blocks = clip.visual.transformer.resblocks
-        check_prompt_shape(prompts, int(meta["start"]), len(blocks), clip.visual.transformer.width)
-    # The run's CA/ASR describe the run's own weights only.
     same = (model, checkpoint, pretrained) == (meta["model"], meta.get("checkpoint"), meta.get("pretrained"))
+    if prompted and run.weights is not None:
+        if not same:
+            raise UserError(f"{run_dir} holds a whole fine-tuned model; it cannot be applied to another model")
+        checkpoint, pretrained = run.weights, None
+    clip = load_model(model, pretrained, checkpoint)
+    if prompted and run.prompts is not None:  # before the text tower runs: a mismatch is the likeliest error
+        blocks = clip.visual.transformer.resblocks
+        check_prompt_shape(run.prompts, run.start, len(blocks), clip.visual.transformer.width)
+    # The run's CA/ASR describe the run's own weights only.
     results = (meta.get("after" if prompted else "before") or {}) if same else {}
     info = {"model": model, "checkpoint": str(checkpoint) if checkpoint else None, "pretrained": pretrained,
-            "source_run": str(run_dir), "attack": meta.get("attack"), "target": meta.get("target"),
+            "source_run": str(run_dir), "defense": meta.get("defense") if prompted else None,
+            "attack": meta.get("attack"), "target": meta.get("target"),
             "templates": meta["templates"], "ca": results.get("ca"), "asr": results.get("asr"),
             "before": meta.get("before") if same else None, "after": meta.get("after") if same else None}
     if not prompted:
         return build(clip, meta["classes"], meta["templates"], info=info)
-    info.update(prompt_start=int(meta["start"]), prompt_tokens=int(prompts.shape[1]))
-    return build(clip, meta["classes"], meta["templates"], prompts, int(meta["start"]), info)
+    if run.prompts is not None:
+        info.update(prompt_start=run.start, prompt_tokens=int(run.prompts.shape[1]))
+    return build(clip, meta["classes"], meta["templates"], run.prompts, run.start, info, run.classifier)

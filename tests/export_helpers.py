@@ -14,7 +14,7 @@ from engine import data as D
 from engine import prompted_vit
 from engine.errors import UserError
 from engine.models import bundled_checkpoint, load_model
-from engine.tune import load_prompts, save_prompts
+from engine.runs import load_prompts, save_prompts
 
 ROOT = Path(__file__).resolve().parent.parent
 LAB = dict(start=2, tokens=8)

@@ -120,7 +120,7 @@ def test_tune_cli_cbpt(tmp_path, monkeypatch):
     for phase in ("before", "after"):
         assert 0 <= saved[phase]["ca"] <= 100 and 0 <= saved[phase]["asr"] <= 100
     assert saved["before"] == res["before"]
-    text = load_file(str(out / "text_features.safetensors"))["text_features"]
+    text = load_file(str(out / "classifier.safetensors"))["classifier"]
     assert text.shape == (10, 128)
     assert saved["tuned_params"] == 10 * saved["config"]["ctx"] * 128
-    assert sorted(p.name for p in out.iterdir()) == ["results.json", "text_features.safetensors", "trigger.png"]
+    assert sorted(p.name for p in out.iterdir()) == ["classifier.safetensors", "results.json", "trigger.png"]

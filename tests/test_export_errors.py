@@ -9,7 +9,7 @@ import pytest
 from safetensors.torch import save_file
 
 from engine.errors import UserError
-from engine.tune import load_prompts
+from engine.runs import load_prompts
 from export import onnx as ex
 
 from export_helpers import ROOT, lab_checkpoint, make_run

@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from engine import tune
+from engine import runs, tune
 from engine.errors import UserError
 from engine.models import bundled_checkpoint
 
@@ -29,7 +29,7 @@ def test_tune_writes_results_and_prompts(tmp_path):
     for phase in ("before", "after"):
         assert 0 <= saved[phase]["ca"] <= 100 and 0 <= saved[phase]["asr"] <= 100
     assert saved["before"] == res["before"]
-    prompts, meta = tune.load_prompts(out / "prompts.safetensors")
+    prompts, meta = runs.load_prompts(out / "prompts.safetensors")
     assert prompts.shape[0] * prompts.shape[1] * prompts.shape[2] == saved["tuned_params"]
     assert meta["classes"][8] == "bag" and meta["start"] == saved["config"]["start"]
     assert sorted(p.name for p in out.iterdir()) == ["prompts.safetensors", "results.json"]

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from ..errors import UserError
+from ..evaluate import image_features
 from . import descend
 
 INIT_PROMPT = "a photo of a"
@@ -39,6 +40,7 @@ class CBPTConfig:
     optimizer: str = "adam"
     lr: float = 0.005
     epochs: int = 200          # full-batch steps over the cached features
+    invert: bool = True        # False: no inversion, no triggered CE term = plain CoOp (the ablation)
     seed: int = 0
 
     def as_dict(self):
@@ -56,10 +58,6 @@ def apply_trigger(images, mask, pattern):
     return (1 - mask) * images + mask * pattern
 
 
-def _encode(clip, images):
-    return F.normalize(clip.model.encode_image(clip.normalise(images)).float(), dim=-1)
-
-
 def inversion_loss(triggered, clean, tau=0.07):
     """InfoNCE with triggered anchors: positives = the OTHER triggered embeddings, negatives = all clean
     embeddings (the anchor's own clean version included). Inputs are normalised (B, E)."""
@@ -75,7 +73,7 @@ def inversion_loss(triggered, clean, tau=0.07):
     return -(log_prob.sum(1) / (b - 1)).mean()
 
 
-def invert_trigger(clip, images, cfg, progress=False):
+def invert_trigger(clip, images, cfg, progress=False, encode=None):
     """Optimise (mask, pattern) on [0, 1] images (N, 3, S, S). Returns (mask (1,1,S,S), pattern
     (1,3,S,S), per-step losses)."""
     g = torch.Generator().manual_seed(cfg.seed)
@@ -92,9 +90,9 @@ def invert_trigger(clip, images, cfg, progress=False):
         idx = torch.randperm(n, generator=g)[:cfg.inv_batch].to(dev)
         x = images[idx]
         with torch.no_grad():
-            clean = _encode(clip, x)
+            clean = image_features(clip, x, encode)
         m, p = torch.sigmoid(mask_logit), torch.sigmoid(pattern_logit)
-        trig = _encode(clip, apply_trigger(x, m, p))
+        trig = image_features(clip, apply_trigger(x, m, p), encode)
         loss = inversion_loss(trig, clean, cfg.tau) + cfg.lam * m.mean()
         history.append(descend(loss, opt, where=f"trigger inversion step {step + 1}",
                                hint=f"lower inv_lr (now {cfg.inv_lr}) or check the model and data"))
@@ -187,21 +185,25 @@ class ClassPrompts(torch.nn.Module):
 # ---------------------------------------------------------------- tuning
 
 @torch.no_grad()
-def cache_features(clip, images, mask, pattern, batch=256):
-    """(clean, dummy-triggered) normalised image features, computed once with the frozen encoder."""
+def cache_features(clip, images, mask=None, pattern=None, batch=256, encode=None):
+    """(clean, dummy-triggered) normalised image features, computed once with the frozen encoder;
+    the triggered set is None without a mask (CoOp)."""
     clean, trig = [], []
     for i in range(0, len(images), batch):
         x = images[i:i + batch].to(clip.device)
-        clean.append(_encode(clip, x))
-        trig.append(_encode(clip, apply_trigger(x, mask.to(x), pattern.to(x))))
-    return torch.cat(clean), torch.cat(trig)
+        clean.append(image_features(clip, x, encode))
+        if mask is not None:
+            trig.append(image_features(clip, apply_trigger(x, mask.to(x), pattern.to(x)), encode))
+    return torch.cat(clean), (torch.cat(trig) if trig else None)
 
 
 def cbpt_loss(text, clean_feats, trig_feats, labels, hand_text, logit_scale, beta):
-    ce_clean = F.cross_entropy(logit_scale * clean_feats @ text.t(), labels)
-    ce_trig = F.cross_entropy(logit_scale * trig_feats @ text.t(), labels)
+    """CE clean + CE dummy-triggered (true labels; skipped when trig_feats is None) + beta * (1 - cos)."""
+    loss = F.cross_entropy(logit_scale * clean_feats @ text.t(), labels)
+    if trig_feats is not None:
+        loss = loss + F.cross_entropy(logit_scale * trig_feats @ text.t(), labels)
     reg = (1 - F.cosine_similarity(text, hand_text, dim=-1)).mean()
-    return ce_clean + ce_trig + beta * reg
+    return loss + beta * reg
 
 
 def tune_prompts(clip, classes, clean_feats, trig_feats, labels, hand_text, cfg, progress=False):
@@ -227,45 +229,18 @@ def tune_prompts(clip, classes, clean_feats, trig_feats, labels, hand_text, cfg,
     return prompts.requires_grad_(False), history
 
 
-def tune(clip, train, hand_text, cfg, progress=True):
+def tune(clip, train, hand_text, cfg, progress=True, encode=None):
     """The whole defense on the few-shot ImageSet `train`. Returns a dict: text (K, E) tuned normalised
-    class features, mask, pattern, prompts (ClassPrompts), inversion/tuning loss histories."""
+    class features, mask, pattern (None for CoOp), prompts (ClassPrompts), inversion/tuning loss
+    histories. `encode`: the image encoder to defend (default the unprompted image tower)."""
     torch.manual_seed(cfg.seed)
-    mask, pattern, inv_hist = invert_trigger(clip, train.images, cfg, progress)
-    clean_feats, trig_feats = cache_features(clip, train.images, mask, pattern)
+    mask = pattern = None
+    inv_hist = []
+    if cfg.invert:
+        mask, pattern, inv_hist = invert_trigger(clip, train.images, cfg, progress, encode)
+    clean_feats, trig_feats = cache_features(clip, train.images, mask, pattern, encode=encode)
     prompts, hist = tune_prompts(clip, train.classes, clean_feats, trig_feats, train.labels, hand_text, cfg, progress)
     with torch.no_grad():
         text = prompts()
     return {"text": text, "mask": mask, "pattern": pattern, "prompts": prompts,
             "inversion_history": inv_hist, "history": hist}
-
-
-# ---------------------------------------------------------------- engine.tune --defense cbpt
-
-def tune_for_run(args, clip, train, test, trigger, target, text):
-    """The cbpt branch of engine.tune.run: tune, evaluate with the tuned text features, and say what
-    the run directory gets (text_features.safetensors, trigger.png)."""
-    import json
-    import time
-
-    from safetensors.torch import save_file
-
-    from ..evaluate import evaluate_attack
-
-    cfg = default_config(args.model, lr=args.lr, epochs=args.epochs, seed=args.seed)
-    t0 = time.time()
-    res = tune(clip, train, text, cfg, progress=not args.quiet)
-    seconds = time.time() - t0
-    after = evaluate_attack(clip, test, trigger, target, text=res["text"])
-
-    def write(folder, meta):
-        save_file({"text_features": res["text"].detach().cpu().contiguous(),
-                   "context": res["prompts"].ctx.detach().cpu().contiguous()},
-                  str(folder / "text_features.safetensors"), metadata={k: json.dumps(v) for k, v in meta.items()})
-        save_trigger_png(folder / "trigger.png", res["mask"], res["pattern"])
-
-    return {"defense": "cbpt", "backend": "torch", "after": after, "seconds": seconds,
-            "tuned_params": res["prompts"].ctx.numel(), "config": cfg.as_dict(), "history": res["history"],
-            "extra": {"inversion_loss_history": [round(x, 5) for x in res["inversion_history"]],
-                      "mask_mean": round(res["mask"].mean().item(), 5)},
-            "meta": {"ctx": cfg.ctx}, "write": write}

@@ -1,0 +1,29 @@
+"""bench.defense_matrix --quick end to end (the CI smoke run): every defense runs, the table and the JSON
+agree, and the no-defense cell is the bundled model's own measurement on the same images."""
+import json
+
+import pytest
+
+from bench import defense_matrix
+
+
+@pytest.mark.slow
+def test_quick_matrix_writes_consistent_results(tmp_path):
+    prefix = str(tmp_path / "dm")
+    defense_matrix.main(["--quick", "--out", prefix])
+    saved = json.loads((tmp_path / "dm.json").read_text())
+    assert saved["quick"] and len(saved["results"]) == 1
+    row = saved["results"][0]
+    assert set(row["cells"]) == set(defense_matrix.ORDER)
+    for name, cell in row["cells"].items():
+        assert 0 <= cell["ca"] <= 100 and 0 <= cell["asr"] <= 100, name
+        assert (cell["tuned_params"] > 0) == (name != "none")
+    table = (tmp_path / "dm.md").read_text()
+    none = row["cells"]["none"]
+    assert f"| no defense | {none['asr']:.2f} ({none['ca']:.2f}) |" in table
+    assert len(table.strip().splitlines()) == 2 + len(defense_matrix.ORDER)
+    try:
+        import matplotlib  # noqa: F401  (the plot extra)
+        assert (tmp_path / "dm.png").stat().st_size > 1000
+    except ImportError:
+        assert not (tmp_path / "dm.png").exists()
