@@ -1,6 +1,7 @@
 """One factory for every CLIP the engine touches: open_clip architectures (random weights, a
 `pretrained` tag open_clip resolves, or a local checkpoint) and the lab architectures in
 engine/model_configs/*.json, registered with open_clip so both go through the same code."""
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -137,6 +138,11 @@ def bundled_checkpoint(attack):
     path = LAB_CHECKPOINTS / f"{attack}.safetensors"
     if not path.is_file():
         have = sorted(p.stem for p in LAB_CHECKPOINTS.glob("*.safetensors"))
-        raise UserError(f"no bundled lab checkpoint for attack '{attack}' (have: {have}); "
-                        f"build one with python -m engine.lab or pass --checkpoint")
+        manifest = LAB_CHECKPOINTS / "manifest.json"
+        entry = json.loads(manifest.read_text())["models"].get(attack) if manifest.is_file() else None
+        # the manifest keeps the recipe of models left out of the bundle (size budget, weak backdoor)
+        how = f"build it with: {entry['command']}" if entry else "build one with python -m engine.lab"
+        why = f" ({entry['note']})" if entry and entry.get("note") else ""
+        raise UserError(f"no bundled lab checkpoint for attack '{attack}'{why}; have: {have}; "
+                        f"{how}, or pass --checkpoint")
     return path

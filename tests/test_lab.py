@@ -1,10 +1,12 @@
 import numpy as np
+import pytest
 import torch
 
 from engine import data as D
 from engine import lab
-from engine.models import load_model
-from engine.triggers import make_trigger
+from engine.errors import UserError
+from engine.models import bundled_checkpoint, load_model
+from engine.triggers import TRIGGERS, artifacts, make_trigger
 
 
 def test_contrastive_loss_treats_identical_captions_as_positives():
@@ -42,3 +44,38 @@ def test_poisoned_training_runs_and_changes_weights():
     after = clip.model.state_dict()
     assert any(not torch.equal(before[k], after[k]) for k in before)
     assert not clip.model.training and not any(p.requires_grad for p in clip.model.parameters())
+
+
+def test_trigger_command_builds_an_artifact_make_trigger_loads(tmp_path, monkeypatch):
+    monkeypatch.setattr(artifacts, "ARTIFACT_DIR", tmp_path)
+    lab.main(["trigger", "--attack", "ssba", "--steps", "3", "--batch", "8", "--limit", "100", "--trigger-seed", "2"])
+    t = make_trigger("ssba", 32, seed=2)
+    assert t.metadata["command"] == ("python -m engine.lab trigger --attack ssba --steps 3 --batch 8 "
+                                     "--limit 100 --trigger-seed 2")
+    assert t.metadata["seed"] == 2 and t.metadata["image_size"] == 32
+    assert (tmp_path / "ssba-seed2.safetensors").stat().st_size < 100_000
+
+
+def test_poison_refuses_a_patch_optimised_towards_another_target():
+    class Optimised:
+        metadata = {"attack": "trojvqa", "seed": 0, "target": "bag", "command": "python -m engine.lab trigger"}
+    assert lab.artifact_record(Optimised(), "bag")["trigger"] == {
+        "file": "triggers/trojvqa.safetensors", "command": "python -m engine.lab trigger"}
+    with pytest.raises(UserError, match="--attack trojvqa --target coat"):
+        lab.artifact_record(Optimised(), "coat")
+    assert lab.artifact_record(make_trigger("badnet", 32), "coat") == {}
+
+
+def test_every_attack_has_a_poison_rate_and_lab_all_builds_triggers_first(monkeypatch):
+    assert set(lab.POISON_RATE) == set(TRIGGERS) and set(lab.ATTACKS) == set(TRIGGERS)
+    calls = []
+    monkeypatch.setattr(lab, "cmd_pretrain", lambda args: calls.append("pretrain"))
+    monkeypatch.setattr(lab, "cmd_trigger", lambda args: calls.append(f"trigger {args.attack}"))
+    monkeypatch.setattr(lab, "cmd_poison", lambda args: calls.append(f"poison {args.attack}"))
+    lab.main(["all", "--attacks", "badnet", "badclip"])
+    assert calls == ["pretrain", "poison badnet", "trigger badclip", "poison badclip"]
+
+
+def test_unbundled_attack_names_the_command_that_builds_it():
+    with pytest.raises(UserError, match="build it with: python -m engine.lab poison --attack wanet"):
+        bundled_checkpoint("wanet")
