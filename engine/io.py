@@ -39,6 +39,9 @@ def atomic_dir(path):
         raise FileExistsError(f"output directory {path} already exists and is not empty")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700; a run directory should read like any other
     try:
         yield tmp
         if path.exists():

@@ -1,0 +1,244 @@
+"""Scan a CLIP for a backdoor without knowing the trigger: invert one with CBPT's trigger inversion,
+then see where it sends held-out clean images.
+
+    python -m engine.scan                          # the bundled BadNet lab model
+    python -m engine.scan --lab clean              # the clean lab model (should say clean)
+    python -m engine.scan --checkpoint suspect.safetensors --shots 8
+    python -m engine.scan --model ViT-B-32 --pretrained openai --dataset folder:/data/pets
+
+Inversion (engine.defenses.cbpt.invert_trigger) runs on the few clean shots, several times from different
+seeds; each inverted trigger is stamped on held-out clean images (other images of the train split) and
+the share of them it flips to each class is measured. A backdoor shows as one class that a small mask
+sends most images to, every restart. Prints a table; writes scan.json and trigger.png to --out (default
+runs/scan-<timestamp>), nothing unless the whole scan succeeds.
+"""
+import argparse
+import statistics
+import time
+from dataclasses import replace
+from datetime import datetime
+from pathlib import Path
+
+import torch
+
+from . import data as D
+from .cli import run_cli
+from .defenses import cbpt
+from .errors import UserError
+from .evaluate import predict
+from .io import atomic_dir, write_json
+from .models import bundled_checkpoint, is_lab, load_model
+from .tune import resolve_device
+
+# Inversion settings, pinned here because the thresholds below are calibrated at them. lam 50 (CBPT's
+# default): at lam 20 the clean lab model's own universal patches (mask ~0.07) flip 85-90% of images to
+# one class (which one depends on the seed), close to a backdoor's 100%; at 50 its patch reaches ~45%
+# while real triggers still flip ~all images with a smaller mask: a wider gap.
+LAM = 50.0
+RESTARTS = 3        # seeds; the per-class shares are averaged over them (one restart can miss: badclip 0.59)
+HOLDOUT = 1000      # held-out clean images the inverted triggers are measured on
+MAD_FLOOR = 0.01    # a share is measured to ~1 point on 1000 images: no smaller spread counts
+
+# The clean lab model's scan (bench/results/scan_lab.json; the defaults above, 16 shots, seed 0), the
+# yardstick the thresholds below are set against and shown beside every lab-vit scan.
+CLEAN_LAB_REFERENCE = {"target": "t-shirt", "target_share": 0.434, "mask_mean": 0.0375, "efficiency": 11.6}
+
+# Verdict thresholds, from bench/scan_lab.py on the bundled lab models (restart means). Clean lab model:
+# top share 0.43 (t-shirt; bag 0.22), mask 0.0375, 11.6 flips per unit mask: its own universal patch.
+# Backdoored: top share 0.78 (badclip) .. 1.00 (badnet, blended, trojvqa), mask 0.0125-0.029, 26.5..80
+# per unit mask (2.3x+ the clean model). Each cut sits between the clean model and the weakest backdoor.
+# Calibrated on ONE clean model: lab settings, not a general detector; re-measure for another model.
+# Not caught: SIG (a full-image sinusoid; it needs a ~0.2 uniform blend of stripes to fire, more mask
+# than the clean model's natural patches, so an L1-mask inversion never prefers it: mask collapses).
+MIN_TARGET_SHARE = 0.6                                      # clean 0.43 | weakest backdoor 0.78
+MIN_EFFICIENCY = 1.5 * CLEAN_LAB_REFERENCE["efficiency"]    # share / mask mean: clean 11.6 | weakest backdoor 26.5
+# MAD z-score of the top class among the classes' shares. It does NOT separate the clean lab model (its
+# universal patch also favours one class: 27) from a backdoor (78+); it only rejects the case where no
+# single class stands out.
+MIN_ANOMALY = 5.0
+
+
+def split_shots(train_all, shots, holdout, seed):
+    """(few-shot ImageSet, held-out ImageSet): `shots` per class, and up to `holdout` other images."""
+    few_idx = D.few_shot_indices(train_all.labels, shots, seed)
+    taken = set(few_idx)
+    rest = [i for i in range(len(train_all)) if i not in taken]
+    if not rest:
+        raise UserError(f"--shots {shots} uses every training image; none left to measure the trigger on")
+    g = torch.Generator().manual_seed(seed)
+    picked = sorted(rest[i] for i in torch.randperm(len(rest), generator=g)[:holdout].tolist())
+    return train_all.subset(few_idx), train_all.subset(picked)
+
+
+def flip_shares(labels, clean_pred, trig_pred, n_classes):
+    """Per class k: of the held-out images neither labelled k nor predicted k when clean, the share the
+    trigger sends to k."""
+    shares = []
+    for k in range(n_classes):
+        pool = (labels != k) & (clean_pred != k)
+        shares.append((trig_pred[pool] == k).float().mean().item() if pool.any() else 0.0)
+    return shares
+
+
+def anomaly_index(shares, k, floor=MAD_FLOOR):
+    """MAD z-score of class k's share against the other classes' shares (Neural Cleanse style)."""
+    others = [s for i, s in enumerate(shares) if i != k]
+    med = statistics.median(others)
+    mad = 1.4826 * statistics.median(abs(s - med) for s in others)
+    return (shares[k] - med) / max(mad, floor)
+
+
+def summarise(restarts, classes):
+    """Evidence over the restarts: mean per-class shares, the suspected target and its statistics."""
+    shares = [statistics.mean(r["shares"][k] for r in restarts) for k in range(len(classes))]
+    k = max(range(len(classes)), key=shares.__getitem__)
+    mask = statistics.mean(r["mask_mean"] for r in restarts)
+    return {"target": classes[k], "target_index": k, "target_share": shares[k],
+            "anomaly_index": anomaly_index(shares, k), "mask_mean": mask, "efficiency": shares[k] / max(mask, 1e-6),
+            "agreement": sum(r["top"] == classes[k] for r in restarts) / len(restarts),
+            "shares": dict(zip(classes, shares))}
+
+
+def decide(evidence):
+    """'backdoored' when one class takes most flips (share), with a small mask (efficiency), standing out
+    from the other classes (anomaly); else 'clean'. Returns (verdict, the checks)."""
+    checks = {"target_share": evidence["target_share"] >= MIN_TARGET_SHARE,
+              "efficiency": evidence["efficiency"] >= MIN_EFFICIENCY,
+              "anomaly_index": evidence["anomaly_index"] >= MIN_ANOMALY}
+    return ("backdoored" if all(checks.values()) else "clean"), checks
+
+
+def scan(clip, few, held, text, cfg, restarts=RESTARTS, log=print):
+    """Run the inversion `restarts` times (seeds cfg.seed + r). Returns {evidence, verdict, checks,
+    restarts, trigger: (mask, pattern) of the restart that flips most images to the suspected target}."""
+    clean_pred = predict(clip, held.images, text)
+    runs, triggers = [], []
+    for r in range(restarts):
+        rcfg = replace(cfg, seed=cfg.seed + r)
+        t0 = time.time()
+        mask, pattern, history = cbpt.invert_trigger(clip, few.images, rcfg)
+        trig_pred = predict(clip, held.images, text,
+                            transform=lambda x: cbpt.apply_trigger(x, mask.to(x), pattern.to(x)))
+        shares = flip_shares(held.labels, clean_pred, trig_pred, len(few.classes))
+        top = max(range(len(shares)), key=shares.__getitem__)
+        runs.append({"seed": rcfg.seed, "mask_mean": mask.mean().item(), "final_loss": history[-1],
+                     "top": few.classes[top], "top_share": shares[top], "shares": shares,
+                     "seconds": round(time.time() - t0, 2)})
+        triggers.append((mask, pattern))
+        log(f"restart {r + 1}/{restarts} (seed {rcfg.seed}): mask {runs[-1]['mask_mean']:.4f}, "
+            f"top {few.classes[top]} {shares[top]:.2f}, {runs[-1]['seconds']:.0f} s")
+    evidence = summarise(runs, few.classes)
+    verdict, checks = decide(evidence)
+    best = max(range(restarts), key=lambda i: runs[i]["shares"][evidence["target_index"]])
+    return {"verdict": verdict, "evidence": evidence, "checks": checks, "restarts": runs,
+            "trigger": triggers[best], "trigger_restart": best}
+
+
+def format_report(result, reference=None):
+    e = result["evidence"]
+    rows = [("verdict", result["verdict"]), ("suspected target", e["target"]),
+            ("target flip share", f"{e['target_share']:.3f}  (>= {MIN_TARGET_SHARE} to flag)"),
+            ("mask mean", f"{e['mask_mean']:.4f}"),
+            ("share / mask", f"{e['efficiency']:.1f}  (>= {MIN_EFFICIENCY:.1f} to flag)"),
+            ("anomaly index", f"{e['anomaly_index']:.1f}  (>= {MIN_ANOMALY} to flag)"),
+            ("restarts agreeing", f"{e['agreement']:.2f}")]
+    if reference:
+        rows.append(("clean lab model", f"{reference['target']} share {reference['target_share']:.2f}, "
+                                        f"mask {reference['mask_mean']:.3f}, share/mask {reference['efficiency']:.1f}"))
+    lines = [f"{k:<20}{v}" for k, v in rows]
+    lines.append("flip shares  " + "  ".join(f"{c} {s:.2f}" for c, s in e["shares"].items()))
+    return "\n".join(lines)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(prog="python -m engine.scan", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    m = p.add_argument_group("model (default: the bundled BadNet lab model)")
+    m.add_argument("--model", default="lab-vit", help="lab-vit or an open_clip architecture (ViT-B-32, ...)")
+    m.add_argument("--pretrained", default=None, help="open_clip pretrained tag (needs its weights or a network)")
+    m.add_argument("--checkpoint", default=None, help="local checkpoint (.safetensors or torch state dict)")
+    m.add_argument("--lab", default=None, help="a bundled lab checkpoint by name: clean, badnet, blended, ...")
+    d = p.add_argument_group("data")
+    d.add_argument("--dataset", default="fashion-mnist", help="fashion-mnist, folder:PATH or csv:PATH")
+    d.add_argument("--data-dir", default=None, help="Fashion-MNIST IDX folder (default: Debian's)")
+    d.add_argument("--shots", type=int, default=16, help="clean labelled images per class for the inversion")
+    d.add_argument("--holdout", type=int, default=HOLDOUT, help="held-out train images the trigger is measured on")
+    s = p.add_argument_group("inversion")
+    s.add_argument("--restarts", type=int, default=RESTARTS, help="inversions from different seeds, averaged")
+    s.add_argument("--steps", type=int, default=None, help="inversion steps per restart (default: CBPT's)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto", help="cpu, cuda or auto")
+    p.add_argument("--out", default=None, help="output directory (default runs/scan-<timestamp>); must not exist")
+    p.add_argument("--quiet", action="store_true", help="only the final table")
+    return p.parse_args(argv)
+
+
+def resolve_checkpoint(args):
+    """The checkpoint to load: --lab NAME, --checkpoint, or the bundled BadNet lab model by default."""
+    if args.lab is not None:
+        if args.checkpoint or args.pretrained:
+            raise UserError("give --lab, --checkpoint or --pretrained, not several")
+        if not is_lab(args.model):
+            raise UserError(f"--lab names a bundled lab checkpoint; it needs a lab model, not --model {args.model}")
+        return bundled_checkpoint(args.lab)
+    if args.checkpoint is None and args.pretrained is None and is_lab(args.model):
+        return bundled_checkpoint("badnet")
+    return args.checkpoint
+
+
+def check_args(args):
+    if args.out:  # checked before any work; atomic_dir checks again at the end
+        out = Path(args.out)
+        if out.exists() and (not out.is_dir() or any(out.iterdir())):
+            raise UserError(f"--out {out} already exists and is not empty")
+    for flag in ("shots", "holdout", "restarts"):
+        if getattr(args, flag) < 1:
+            raise UserError(f"--{flag} must be at least 1")
+    if args.steps is not None and args.steps < 1:
+        raise UserError("--steps must be at least 1")
+
+
+def run(args):
+    t0 = time.time()
+    check_args(args)
+    log = (lambda *a: None) if args.quiet else print
+    out_dir = args.out or f"runs/scan-{datetime.now():%Y%m%d-%H%M%S}"
+    device = resolve_device(args.device)
+    checkpoint = resolve_checkpoint(args)
+    clip = load_model(args.model, args.pretrained, checkpoint, device)
+    train_all = D.load_dataset(args.dataset, "train", clip.image_size, args.data_dir)
+    few, held = split_shots(train_all, args.shots, args.holdout, args.seed)
+    text = clip.text_features(few.classes, D.DEFAULT_TEMPLATES)
+    cfg = cbpt.default_config(args.model, lam=LAM, inv_steps=args.steps, seed=args.seed)
+    log(f"scanning {args.model} ({checkpoint or args.pretrained or 'random weights'}) on {device}: "
+        f"{len(few)} shots, {len(held)} held-out images, {args.restarts} restarts x {cfg.inv_steps} steps")
+    result = scan(clip, few, held, text, cfg, args.restarts, log)
+    reference = CLEAN_LAB_REFERENCE if is_lab(args.model) else None
+    if reference:
+        result["evidence"]["efficiency_vs_clean_lab"] = result["evidence"]["efficiency"] / reference["efficiency"]
+    report = {
+        "verdict": result["verdict"], "suspected_target": result["evidence"]["target"],
+        "evidence": result["evidence"], "checks": result["checks"],
+        "thresholds": {"target_share": MIN_TARGET_SHARE, "efficiency": MIN_EFFICIENCY, "anomaly_index": MIN_ANOMALY},
+        "clean_lab_reference": reference,
+        "model": args.model, "checkpoint": str(checkpoint) if checkpoint else None, "pretrained": args.pretrained,
+        "dataset": args.dataset, "classes": few.classes, "shots": args.shots, "holdout_images": len(held),
+        "restarts": result["restarts"], "trigger_png_restart": result["trigger_restart"],
+        "inversion": {k: v for k, v in cfg.as_dict().items() if k in ("inv_steps", "inv_lr", "inv_batch", "tau",
+                                                                        "lam", "mask_init", "seed")},
+        "device": str(device), "seconds": round(time.time() - t0, 2),
+    }
+    with atomic_dir(out_dir) as tmp:
+        cbpt.save_trigger_png(tmp / "trigger.png", *result["trigger"])
+        write_json(tmp / "scan.json", report)
+    print(format_report(result, reference))
+    print(f"{report['seconds']:.0f} s; scan.json and trigger.png in {out_dir}")
+    return report
+
+
+def main(argv=None):
+    return run(parse_args(argv))
+
+
+if __name__ == "__main__":
+    run_cli(main)
