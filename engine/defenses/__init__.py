@@ -1,5 +1,8 @@
 """Prompt-tuning defenses. Each tunes a few parameters on a frozen CLIP from clean few-shot images."""
+import sys
+
 import torch
+from tqdm import tqdm
 
 from ..errors import UserError
 
@@ -14,3 +17,21 @@ def descend(loss, opt, sched=None, where="", hint=""):
     if sched is not None:
         sched.step()
     return loss.item()
+
+
+def minibatch_epochs(n, batch, epochs, generator, loss_of, opt, sched=None, desc="", hint="", progress=True,
+                     device="cpu"):
+    """Shuffled mini-batch epochs over n examples: loss_of(indices) -> loss, one `descend` each.
+    Returns the per-epoch mean losses; a progress bar shows the last one."""
+    history = []
+    bar = tqdm(range(epochs), desc=desc, file=sys.stderr, disable=not progress, mininterval=2)
+    for epoch in bar:
+        perm = torch.randperm(n, generator=generator).to(device)
+        total = 0.0
+        for i in range(0, n, batch):
+            b = perm[i:i + batch]
+            total += len(b) * descend(loss_of(b), opt, sched, where=f"{desc} epoch {epoch + 1} step {i // batch + 1}",
+                                      hint=hint)
+        history.append(total / n)
+        bar.set_postfix(loss=f"{history[-1]:.3f}")
+    return history

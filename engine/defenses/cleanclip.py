@@ -5,16 +5,14 @@ with captions made from class templates. Unlike the prompt defenses every parame
 keeps a whole model."""
 import copy
 import math
-import sys
 from dataclasses import asdict, dataclass, replace
 
 import torch
-from tqdm import tqdm
 
 from ..augment import augment
 from ..lab import contrastive_loss
 from ..tokenizer import CLASS_TEMPLATES
-from . import descend
+from . import minibatch_epochs
 
 TEMPLATES = [t.replace("{c}", "{}") for t in CLASS_TEMPLATES]  # plain English: fits any CLIP tokenizer
 
@@ -61,25 +59,18 @@ def tune(clip, train, cfg, progress=True):
     steps = cfg.epochs * math.ceil(n / cfg.batch)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps)
     images, labels = train.images.to(clip.device), train.labels.to(clip.device)
-    history = []
-    bar = tqdm(range(cfg.epochs), desc="cleanclip", file=sys.stderr, disable=not progress, mininterval=2)
-    for epoch in bar:
-        perm = torch.randperm(n, generator=g).to(clip.device)
-        total = 0.0
-        for i in range(0, n, cfg.batch):
-            b = perm[i:i + cfg.batch]
-            y = labels[b]
-            view_a, view_b = (model.encode_image(tuned.normalise(augment(images[b], g))) for _ in range(2))
-            text_a = model.encode_text(_captions(tuned, y, train.classes, rng))
-            text_b = model.encode_text(_captions(tuned, y, train.classes, rng))
-            same_class, same_image = y[:, None], torch.arange(len(b), device=y.device)[:, None]
-            scale = model.logit_scale.exp()
-            loss = contrastive_loss(view_a, text_a, same_class, scale)
-            loss = loss + cfg.in_modal * (contrastive_loss(view_a, view_b, same_image, scale)
-                                          + contrastive_loss(text_a, text_b, same_class, scale))
-            total += len(b) * descend(loss, opt, sched, where=f"cleanclip epoch {epoch + 1}",
-                                      hint=f"lower --lr (now {cfg.lr})")
-        history.append(total / n)
-        bar.set_postfix(loss=f"{history[-1]:.3f}")
+
+    def loss_of(b):
+        y = labels[b]
+        view_a, view_b = (model.encode_image(tuned.normalise(augment(images[b], g))) for _ in range(2))
+        text_a = model.encode_text(_captions(tuned, y, train.classes, rng))
+        text_b = model.encode_text(_captions(tuned, y, train.classes, rng))
+        same_class, same_image = y[:, None], torch.arange(len(b), device=y.device)[:, None]
+        scale = model.logit_scale.exp()
+        return contrastive_loss(view_a, text_a, same_class, scale) + cfg.in_modal * (
+            contrastive_loss(view_a, view_b, same_image, scale) + contrastive_loss(text_a, text_b, same_class, scale))
+
+    history = minibatch_epochs(n, cfg.batch, cfg.epochs, g, loss_of, opt, sched, desc="cleanclip",
+                               hint=f"lower --lr (now {cfg.lr})", progress=progress, device=clip.device)
     model.eval().requires_grad_(False)
     return tuned, history

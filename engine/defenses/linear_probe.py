@@ -3,15 +3,13 @@ normalised features, trained with SGD on the few shots. It replaces the text cla
 into the exported model like CBPT's class features: logits = logit_scale * z @ W.t().
 
 No bias: the few-shot set is class-balanced, and without one the probe is a drop-in classifier matrix."""
-import sys
 from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
 from ..evaluate import image_features
-from . import descend
+from . import minibatch_epochs
 
 
 @dataclass
@@ -40,16 +38,10 @@ def tune(clip, train, cfg, encode=None, progress=True):
     labels = train.labels.to(clip.device)
     weight = torch.zeros(len(train.classes), feats.shape[1], device=clip.device, requires_grad=True)
     opt = torch.optim.SGD([weight], lr=cfg.lr, momentum=cfg.momentum)
-    n, history = len(train), []
-    bar = tqdm(range(cfg.epochs), desc="linear probe", file=sys.stderr, disable=not progress, mininterval=2)
-    for epoch in bar:
-        perm = torch.randperm(n, generator=g).to(clip.device)
-        total = 0.0
-        for i in range(0, n, cfg.batch):
-            b = perm[i:i + cfg.batch]
-            loss = F.cross_entropy(clip.logit_scale * feats[b] @ weight.t(), labels[b])
-            total += len(b) * descend(loss, opt, where=f"linear probe epoch {epoch + 1}",
-                                      hint=f"lower --lr (now {cfg.lr})")
-        history.append(total / n)
-        bar.set_postfix(loss=f"{history[-1]:.3f}")
+
+    def loss_of(b):
+        return F.cross_entropy(clip.logit_scale * feats[b] @ weight.t(), labels[b])
+
+    history = minibatch_epochs(len(train), cfg.batch, cfg.epochs, g, loss_of, opt, desc="linear probe",
+                               hint=f"lower --lr (now {cfg.lr})", progress=progress, device=clip.device)
     return weight.detach(), history

@@ -3,16 +3,14 @@
 The repelling term pushes the prompted class token c^d away from the frozen model's class token sigma^d
 at every prompted depth; with alpha = 0 this is plain deep VPT (the ablation)."""
 import math
-import sys
 from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
 from .. import prompted_vit
 from ..augment import augment
-from . import descend
+from . import minibatch_epochs
 
 
 @dataclass
@@ -82,17 +80,12 @@ def tune(clip, train, text, cfg, backend="shared", progress=True):
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.epochs * steps_per_epoch)
     images, labels = train.images.to(clip.device), train.labels.to(clip.device)
     g = torch.Generator().manual_seed(cfg.seed)
-    history = []
-    bar = tqdm(range(cfg.epochs), desc="rvpt", file=sys.stderr, disable=not progress, mininterval=2)
-    for epoch in bar:
-        perm = torch.randperm(n, generator=g).to(clip.device)
-        total = 0.0
-        for i in range(steps_per_epoch):
-            b = perm[i * cfg.batch:(i + 1) * cfg.batch]
-            x = augment(images[b], g) if cfg.augment else images[b]
-            loss = rvpt_step_loss(clip, prompts, x, labels[b], text, cfg, backend)
-            total += len(b) * descend(loss, opt, sched, where=f"epoch {epoch + 1} step {i + 1}",
-                                      hint=f"lower --lr (now {cfg.lr}) or check the model and data")
-        history.append(total / n)
-        bar.set_postfix(loss=f"{history[-1]:.3f}")
+
+    def loss_of(b):
+        x = augment(images[b], g) if cfg.augment else images[b]
+        return rvpt_step_loss(clip, prompts, x, labels[b], text, cfg, backend)
+
+    history = minibatch_epochs(n, cfg.batch, cfg.epochs, g, loss_of, opt, sched, desc="rvpt",
+                               hint=f"lower --lr (now {cfg.lr}) or check the model and data",
+                               progress=progress, device=clip.device)
     return prompts.requires_grad_(False), history
