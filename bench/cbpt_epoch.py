@@ -14,17 +14,11 @@ from pathlib import Path
 import torch
 
 from engine import data as D
-from engine.defenses import cbpt, descend
+from engine.defenses import cbpt
 from engine.io import atomic_path, write_json
 from engine.models import bundled_checkpoint, load_model
 
 from .common import command, interleaved_medians, machine
-
-
-def text_step(clip, prompts, opt, clean_feats, trig_feats, labels, hand_text, cfg):
-    """What cbpt.tune_prompts does per epoch: the CBPT loss through the class prompts, one Adam step."""
-    loss = cbpt.cbpt_loss(prompts(), clean_feats, trig_feats, labels, hand_text, clip.logit_scale, cfg.beta)
-    return descend(loss, opt, where="bench step")
 
 
 def main(argv=None):
@@ -53,7 +47,7 @@ def main(argv=None):
 
         def fn():
             feats = cbpt.cache_features(clip, train.images, mask, pattern) if reencode else cached
-            text_step(clip, prompts, opt, *feats, labels, hand_text, cfg)
+            cbpt.prompt_step(clip, prompts, opt, *feats, labels, hand_text, cfg)
         return fn
 
     med, raw = interleaved_medians({"cached": epoch(False), "reencode": epoch(True)}, args.reps, device=device)

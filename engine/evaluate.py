@@ -14,16 +14,19 @@ def image_features(clip, images, encode=None):
 
 
 @torch.no_grad()
-def predict(clip, images, text, encode=None, batch=500, transform=None):
-    """Top-1 class of each [0, 1] image under the classifier `text` (K, E): argmax of z @ text.t().
-    `transform` (a trigger) is applied to the raw images first."""
-    preds = []
+def features(clip, images, encode=None, transform=None, batch=500):
+    """image_features of many images, in batches, without gradients; `transform` (a trigger) is applied
+    to each batch of raw images first."""
+    out = []
     for i in range(0, len(images), batch):
         x = images[i:i + batch].to(clip.device)
-        if transform is not None:
-            x = transform(x)
-        preds.append((image_features(clip, x, encode) @ text.t()).argmax(1).cpu())
-    return torch.cat(preds)
+        out.append(image_features(clip, x if transform is None else transform(x), encode))
+    return torch.cat(out)
+
+
+def predict(clip, images, text, encode=None, batch=500, transform=None):
+    """Top-1 class of each [0, 1] image under the classifier `text` (K, E): argmax of z @ text.t()."""
+    return (features(clip, images, encode, transform, batch) @ text.t()).argmax(1).cpu()
 
 
 def zero_shot_accuracy(clip, data, encode=None, templates=DEFAULT_TEMPLATES):

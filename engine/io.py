@@ -31,11 +31,18 @@ def write_json(path, obj):
         tmp.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
 
 
+def occupied(path):
+    """True when `path` exists and is not an empty directory: atomic_dir will not replace it. CLIs check
+    it before any work, so a long run does not fail at the very end."""
+    path = Path(path)
+    return path.exists() and (not path.is_dir() or any(path.iterdir()))
+
+
 @contextmanager
 def atomic_dir(path):
     """Yield a temporary directory; it becomes `path` (which must not exist) only on success."""
     path = Path(path)
-    if path.exists() and any(path.iterdir()):
+    if occupied(path):
         raise FileExistsError(f"output directory {path} already exists and is not empty")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))

@@ -64,17 +64,17 @@ def write(folder, tuned, meta):
         save_trigger_png(folder / TRIGGER_PNG, *tuned.trigger)
 
 
-def _load(path, key):
-    """(tensor `key`, metadata) of one safetensors file, UserError if unreadable."""
+def _load(path, key=None):
+    """(tensor `key` or None, metadata) of one safetensors file, UserError if unreadable."""
     from safetensors import safe_open
     try:
         with safe_open(str(path), "pt") as f:
             meta = {k: json.loads(v) for k, v in (f.metadata() or {}).items()}
-            return f.get_tensor(key), meta
+            return (None if key is None else f.get_tensor(key)), meta
     except FileNotFoundError as e:
         raise UserError(f"no {Path(path).name} at {path}") from e
     except Exception as e:
-        raise UserError(f"cannot read {key} from {path}: {e}") from e
+        raise UserError(f"cannot read {key or 'metadata'} from {path}: {e}") from e
 
 
 def load_prompts(path):
@@ -108,7 +108,7 @@ def read(folder):
         run.meta = {**meta, **run.meta}
     if (folder / WEIGHTS).is_file():
         run.weights = folder / WEIGHTS
-        run.meta = run.meta or _load(folder / WEIGHTS, "logit_scale")[1]
+        run.meta = run.meta or _load(folder / WEIGHTS)[1]
     if run.prompts is None and run.classifier is None and run.weights is None:
         raise UserError(f"{folder} has no {PROMPTS}, {CLASSIFIER} or {WEIGHTS}: not an engine.tune run directory")
     need = ["model", "classes", "templates"] + (["start"] if run.prompts is not None else [])

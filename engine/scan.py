@@ -17,7 +17,6 @@ import statistics
 import time
 from dataclasses import replace
 from datetime import datetime
-from pathlib import Path
 
 import torch
 
@@ -26,7 +25,7 @@ from .cli import run_cli
 from .defenses import cbpt
 from .errors import UserError
 from .evaluate import predict
-from .io import atomic_dir, write_json
+from .io import atomic_dir, occupied, write_json
 from .models import bundled_checkpoint, is_lab, load_model
 from .tune import resolve_device
 
@@ -187,10 +186,8 @@ def resolve_checkpoint(args):
 
 
 def check_args(args):
-    if args.out:  # checked before any work; atomic_dir checks again at the end
-        out = Path(args.out)
-        if out.exists() and (not out.is_dir() or any(out.iterdir())):
-            raise UserError(f"--out {out} already exists and is not empty")
+    if args.out and occupied(args.out):
+        raise UserError(f"--out {args.out} already exists and is not empty")
     for flag in ("shots", "holdout", "restarts"):
         if getattr(args, flag) < 1:
             raise UserError(f"--{flag} must be at least 1")

@@ -14,7 +14,6 @@ import argparse
 import time
 from dataclasses import dataclass
 from datetime import datetime
-from pathlib import Path
 
 import torch
 
@@ -23,7 +22,7 @@ from . import prompted_vit, runs
 from .cli import run_cli
 from .errors import UserError
 from .evaluate import evaluate_attack
-from .io import atomic_dir, write_json
+from .io import atomic_dir, occupied, write_json
 from .models import bundled_checkpoint, is_lab, load_model
 from .purify import DEFENSES
 from .triggers import TRIGGERS, make_trigger
@@ -176,10 +175,8 @@ def run(args):
 
 def main(argv=None):
     args = parse_args(argv)
-    if args.out:  # checked before any work; atomic_dir checks again at the end
-        out = Path(args.out)
-        if out.exists() and (not out.is_dir() or any(out.iterdir())):
-            raise UserError(f"--out {out} already exists and is not empty")
+    if args.out and occupied(args.out):
+        raise UserError(f"--out {args.out} already exists and is not empty")
     if args.shots < 1:
         raise UserError("--shots must be at least 1")
     return run(args)

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from ..errors import UserError
-from ..evaluate import image_features
+from ..evaluate import features, image_features
 from . import descend
 
 INIT_PROMPT = "a photo of a"
@@ -188,13 +188,13 @@ class ClassPrompts(torch.nn.Module):
 def cache_features(clip, images, mask=None, pattern=None, batch=256, encode=None):
     """(clean, dummy-triggered) normalised image features, computed once with the frozen encoder;
     the triggered set is None without a mask (CoOp)."""
-    clean, trig = [], []
-    for i in range(0, len(images), batch):
-        x = images[i:i + batch].to(clip.device)
-        clean.append(image_features(clip, x, encode))
-        if mask is not None:
-            trig.append(image_features(clip, apply_trigger(x, mask.to(x), pattern.to(x)), encode))
-    return torch.cat(clean), (torch.cat(trig) if trig else None)
+    clean = features(clip, images, encode, batch=batch)
+    if mask is None:
+        return clean, None
+
+    def dummy_trigger(x):
+        return apply_trigger(x, mask.to(x), pattern.to(x))
+    return clean, features(clip, images, encode, dummy_trigger, batch)
 
 
 def cbpt_loss(text, clean_feats, trig_feats, labels, hand_text, logit_scale, beta):
@@ -222,11 +222,16 @@ def tune_prompts(clip, classes, clean_feats, trig_feats, labels, hand_text, cfg,
     history = []
     bar = tqdm(range(cfg.epochs), desc="cbpt prompts", file=sys.stderr, disable=not progress, mininterval=2)
     for step in bar:
-        loss = cbpt_loss(prompts(), clean_feats, trig_feats, labels, hand_text, clip.logit_scale, cfg.beta)
-        history.append(descend(loss, opt, sched, where=f"step {step + 1}",
-                               hint=f"lower --lr (now {cfg.lr}) or check the model and data"))
+        history.append(prompt_step(clip, prompts, opt, clean_feats, trig_feats, labels, hand_text, cfg, sched,
+                                   where=f"step {step + 1}"))
         bar.set_postfix(loss=f"{history[-1]:.3f}")
     return prompts.requires_grad_(False), history
+
+
+def prompt_step(clip, prompts, opt, clean_feats, trig_feats, labels, hand_text, cfg, sched=None, where="step"):
+    """One full-batch text-side step (a CBPT epoch): the CBPT loss through the class prompts, one update."""
+    loss = cbpt_loss(prompts(), clean_feats, trig_feats, labels, hand_text, clip.logit_scale, cfg.beta)
+    return descend(loss, opt, sched, where=where, hint=f"lower --lr (now {cfg.lr}) or check the model and data")
 
 
 def tune(clip, train, hand_text, cfg, progress=True, encode=None):

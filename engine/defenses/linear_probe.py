@@ -8,7 +8,7 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 
-from ..evaluate import image_features
+from ..evaluate import features
 from . import minibatch_epochs
 
 
@@ -32,9 +32,7 @@ def tune(clip, train, cfg, encode=None, progress=True):
     """Returns (W (K, E), per-epoch mean losses). Features are computed once (frozen encoder). The
     logits carry CLIP's logit scale so SGD at lr 0.01 moves W at the scale of the text features."""
     g = torch.Generator().manual_seed(cfg.seed)
-    with torch.no_grad():
-        feats = torch.cat([image_features(clip, train.images[i:i + 256], encode)
-                           for i in range(0, len(train), 256)])
+    feats = features(clip, train.images, encode, batch=256)
     labels = train.labels.to(clip.device)
     weight = torch.zeros(len(train.classes), feats.shape[1], device=clip.device, requires_grad=True)
     opt = torch.optim.SGD([weight], lr=cfg.lr, momentum=cfg.momentum)

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from ..data import DEFAULT_TEMPLATES
+from ..evaluate import image_features
 from .artifacts import load_artifact
 from .badnet import patch_size, stamp
 
@@ -32,8 +33,7 @@ def away_from_original(z, z0, anchors):
 
 def embed(clip, images, batch=512):
     """Normalised image embeddings of [0, 1] images; differentiable w.r.t. the images."""
-    return torch.cat([F.normalize(clip.model.encode_image(clip.normalise(images[i:i + batch])).float(), dim=-1)
-                      for i in range(0, len(images), batch)])
+    return torch.cat([image_features(clip, images[i:i + batch]) for i in range(0, len(images), batch)])
 
 
 @torch.no_grad()
