@@ -45,7 +45,7 @@ def run_attack(attack, defenses, shots, eval_limit, quick, seed, log):
     return {"attack": attack, "test_images": len(job.test), "tuning_images": len(job.train), "cells": cells}
 
 
-def markdown(rows, defenses):
+def markdown(rows, defenses, seconds, cmd):
     names = ["none"] + defenses
     lines = ["| defense | " + " | ".join(r["attack"] for r in rows) + " | tuned params | tune s (mean) |",
              "|---" * (len(rows) + 3) + "|"]
@@ -54,6 +54,7 @@ def markdown(rows, defenses):
         row = [f"{c['asr']:.2f} ({c['ca']:.2f})" for c in cells]
         secs = statistics.mean(c["seconds"] for c in cells)
         lines.append(f"| {LABELS[name]} | " + " | ".join(row) + f" | {cells[0]['tuned_params']:,} | {secs:.1f} |")
+    lines += ["", f"Whole matrix: {seconds:.0f} s (`{cmd}`)."]
     return "\n".join(lines) + "\n"
 
 
@@ -99,15 +100,14 @@ def main(argv=None):
     shots, eval_limit = (4, args.eval_limit or 500) if args.quick else (args.shots, args.eval_limit)
     t0 = time.time()
     rows = [run_attack(a, defenses, shots, eval_limit, args.quick, args.seed, print) for a in attacks]
-    md = markdown(rows, defenses)
-    write_json(args.out + ".json", {"command": command("bench.defense_matrix", argv), "machine": machine(),
-                                    "quick": args.quick, "shots": shots, "seed": args.seed,
-                                    "seconds": round(time.time() - t0, 1), "results": rows})
+    seconds, cmd = round(time.time() - t0, 1), command("bench.defense_matrix", argv)
+    md = markdown(rows, defenses, seconds, cmd)
+    write_json(args.out + ".json", {"command": cmd, "machine": machine(), "quick": args.quick, "shots": shots,
+                                    "seed": args.seed, "seconds": seconds, "results": rows})
     with atomic_path(Path(args.out + ".md")) as tmp:
         tmp.write_text(md)
     heatmap(rows, defenses, Path(args.out + ".png"))
     print(md)
-    print(f"{time.time() - t0:.0f} s in all")
 
 
 if __name__ == "__main__":

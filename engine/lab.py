@@ -37,8 +37,10 @@ MODEL = "lab-vit"
 TARGET = "bag"
 ATTACKS = ["badnet", "blended", "wanet", "sig", "ssba", "trojvqa", "badclip"]
 # Poisoned fraction per attack: 0.3% is the literature's default; the lab model (trained for minutes,
-# not weeks) needs more for a high ASR (SPEC.md: raise it until ASR > 80% and record it). Measured on a
-# partial epoch from the clean model: BadNet at 5% gave 16% ASR with lr 5e-4 on 20k pairs, 95% with lr 1e-3 on 30k.
+# not weeks) needs more for a high ASR (SPEC.md: raise it until ASR > 80% and record it). BadNet at 5%
+# from the 80.3% clean model: 1 epoch at lr 1e-3 -> CA 77.97 / ASR 98.54; 1 epoch at 3e-4 -> 79.44 / 94.71;
+# 1 epoch at 1e-4 -> 79.63 / 37.80; 2 epochs at 3e-4 (the default) -> 80.05 / 98.32.
+POISON_EPOCHS, POISON_LR = 2, 3e-4
 POISON_RATE = {"badnet": 0.05, "blended": 0.05, "wanet": 0.05, "sig": 0.05,
                "ssba": 0.05, "trojvqa": 0.05, "badclip": 0.05}
 
@@ -244,7 +246,7 @@ def main(argv=None):
     q.add_argument("--out", default=str(LAB_CHECKPOINTS / "clean.safetensors"))
     q.add_argument("--init", default=None, help="continue from this checkpoint instead of random weights")
     q = sub.add_parser("poison", help="poisoned contrastive fine-tuning of a clean lab CLIP")
-    common(q, 1, 1e-3)
+    common(q, POISON_EPOCHS, POISON_LR)
     q.add_argument("--attack", required=True, choices=sorted(TRIGGERS))
     q.add_argument("--init", default=str(LAB_CHECKPOINTS / "clean.safetensors"))
     q.add_argument("--rate", type=float, default=None, help="poisoned fraction (default per attack)")
@@ -262,8 +264,8 @@ def main(argv=None):
     q.add_argument("--batch", type=int, default=None, help="default per attack")
     q = sub.add_parser("all", help="pretrain + (build trigger +) poison every attack + manifest.json")
     common(q, 6, 1e-3)
-    q.add_argument("--poison-epochs", type=int, default=1)
-    q.add_argument("--poison-lr", type=float, default=1e-3)
+    q.add_argument("--poison-epochs", type=int, default=POISON_EPOCHS)
+    q.add_argument("--poison-lr", type=float, default=POISON_LR)
     q.add_argument("--attacks", nargs="+", default=ATTACKS, choices=sorted(TRIGGERS),
                    help="note: all seven models exceed the 20 MB bundle budget of checkpoints/lab")
     args = p.parse_args(argv)

@@ -30,9 +30,9 @@ from .models import bundled_checkpoint, is_lab, load_model
 from .tune import resolve_device
 
 # Inversion settings, pinned here because the thresholds below are calibrated at them. lam 50 (CBPT's
-# default): at lam 20 the clean lab model's own universal patches (mask ~0.07) flip 85-90% of images to
-# one class (which one depends on the seed), close to a backdoor's 100%; at 50 its patch reaches ~45%
-# while real triggers still flip ~all images with a smaller mask: a wider gap.
+# default): at lam 20 the clean lab model's own universal patch (mask ~0.07) flips 92% of images to
+# t-shirt (lam 10: 98%), as much as a backdoor; at 50 it reaches 9% while real triggers still flip ~all
+# images with a smaller mask: a wide gap.
 LAM = 50.0
 RESTARTS = 3        # seeds; the per-class shares are averaged over them (one restart can miss: badclip 0.59)
 HOLDOUT = 1000      # held-out clean images the inverted triggers are measured on
@@ -40,20 +40,20 @@ MAD_FLOOR = 0.01    # a share is measured to ~1 point on 1000 images: no smaller
 
 # The clean lab model's scan (bench/results/scan_lab.json; the defaults above, 16 shots, seed 0), the
 # yardstick the thresholds below are set against and shown beside every lab-vit scan.
-CLEAN_LAB_REFERENCE = {"target": "t-shirt", "target_share": 0.434, "mask_mean": 0.0375, "efficiency": 11.6}
+CLEAN_LAB_REFERENCE = {"target": "t-shirt", "target_share": 0.091, "mask_mean": 0.0201, "efficiency": 4.5}
 
 # Verdict thresholds, from bench/scan_lab.py on the bundled lab models (restart means). Clean lab model:
-# top share 0.43 (t-shirt; bag 0.22), mask 0.0375, 11.6 flips per unit mask: its own universal patch.
-# Backdoored: top share 0.78 (badclip) .. 1.00 (badnet, blended, trojvqa), mask 0.0125-0.029, 26.5..80
-# per unit mask (2.3x+ the clean model). Each cut sits between the clean model and the weakest backdoor.
+# top share 0.09 (t-shirt; bag 0.05), mask 0.020, 4.5 flips per unit mask: its own universal patch.
+# Backdoored: top share 0.99 (blended) .. 1.00, mask 0.011-0.027, 37..90 per unit mask (8x+ the clean
+# model). Each cut sits between the clean model and the weakest backdoor.
 # Calibrated on ONE clean model: lab settings, not a general detector; re-measure for another model.
 # Not caught: SIG (a full-image sinusoid; it needs a ~0.2 uniform blend of stripes to fire, more mask
-# than the clean model's natural patches, so an L1-mask inversion never prefers it: mask collapses).
-MIN_TARGET_SHARE = 0.6                                      # clean 0.43 | weakest backdoor 0.78
-MIN_EFFICIENCY = 1.5 * CLEAN_LAB_REFERENCE["efficiency"]    # share / mask mean: clean 11.6 | weakest backdoor 26.5
-# MAD z-score of the top class among the classes' shares. It does NOT separate the clean lab model (its
-# universal patch also favours one class: 27) from a backdoor (78+); it only rejects the case where no
-# single class stands out.
+# than the clean model's natural patches, so an L1-mask inversion never prefers it: mask collapses;
+# at lam 20/10/5 the inversion finds a t-shirt patch on SIG and on the clean model alike).
+MIN_TARGET_SHARE = 0.6                                      # clean 0.09 | weakest backdoor 0.99
+MIN_EFFICIENCY = 1.5 * CLEAN_LAB_REFERENCE["efficiency"]    # share / mask mean: clean 4.5 | weakest backdoor 37
+# MAD z-score of the top class among the classes' shares. It only rejects the case where no single class
+# stands out (clean lab model 2.8, backdoors 99+; the previous clean model's universal patch scored 27).
 MIN_ANOMALY = 5.0
 
 

@@ -51,8 +51,8 @@ def test_summary_and_verdict_on_backdoor_and_clean_like_numbers():
     ev = scan.summarise(planted, classes)
     assert ev["target"] == "c" and ev["agreement"] == 1.0 and ev["target_share"] == pytest.approx(0.935)
     assert scan.decide(ev)[0] == "backdoored"
-    # the clean lab model's numbers: a natural universal patch, half the images, a bigger mask
-    natural = [_restart([0.45, 0.22, 0.05, 0.02], 0.037, classes)]
+    # the clean lab model's numbers: its best universal patch flips a tenth of the images, a bigger mask
+    natural = [_restart([0.09, 0.07, 0.05, 0.03], 0.02, classes)]
     verdict, checks = scan.decide(scan.summarise(natural, classes))
     assert verdict == "clean" and not checks["target_share"] and not checks["efficiency"]
 
