@@ -21,7 +21,9 @@ def test_quick_matrix_writes_consistent_results(tmp_path):
     table = (tmp_path / "dm.md").read_text()
     none = row["cells"]["none"]
     assert f"| no defense | {none['asr']:.2f} ({none['ca']:.2f}) |" in table
-    assert len(table.strip().splitlines()) == 2 + len(defense_matrix.ORDER)
+    rows = [line for line in table.splitlines() if line.startswith("|")]
+    assert len(rows) == 2 + len(defense_matrix.ORDER)
+    assert table.strip().splitlines()[-1] == f"Whole matrix: {saved['seconds']:.0f} s (`{saved['command']}`)."
     try:
         import matplotlib  # noqa: F401  (the plot extra)
         assert (tmp_path / "dm.png").stat().st_size > 1000
