@@ -51,10 +51,22 @@ def test_summary_and_verdict_on_backdoor_and_clean_like_numbers():
     ev = scan.summarise(planted, classes)
     assert ev["target"] == "c" and ev["agreement"] == 1.0 and ev["target_share"] == pytest.approx(0.935)
     assert scan.decide(ev)[0] == "backdoored"
-    # the clean lab model's numbers: its best universal patch flips a tenth of the images, a bigger mask
+    # the clean lab model's numbers: its best universal patch flips a tenth of the images
     natural = [_restart([0.09, 0.07, 0.05, 0.03], 0.02, classes)]
     verdict, checks = scan.decide(scan.summarise(natural, classes))
     assert verdict == "clean" and not checks["target_share"] and not checks["efficiency"]
+
+
+def test_pinned_clean_reference_is_the_benchmarked_clean_scan():
+    """CLEAN_LAB_REFERENCE (and so MIN_EFFICIENCY) is copied from bench.scan_lab's clean row: a rebuilt
+    clean model must re-pin it."""
+    rows = json.loads((ROOT / "bench" / "results" / "scan_lab.json").read_text())["results"]
+    clean = next(r["evidence"] for r in rows if r["model"] == "clean")
+    ref = scan.CLEAN_LAB_REFERENCE
+    assert ref["target"] == clean["target"]
+    assert ref["target_share"] == pytest.approx(clean["target_share"], abs=5e-4)
+    assert ref["mask_mean"] == pytest.approx(clean["mask_mean"], abs=5e-5)
+    assert ref["efficiency"] == pytest.approx(clean["efficiency"], abs=0.05)
 
 
 # ---------------------------------------------------------------- the whole scan on a stand-in model
