@@ -41,22 +41,25 @@ def score(rows):
 
 
 def markdown(rows, counts):
-    lines = ["| model | truth (target, ASR %) | verdict | suspected target | target share | mask mean | "
-             "share / mask (x clean lab) | anomaly index | restarts agreeing | seconds |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| model | truth (target, ASR %) | verdict (flagged by) | suspected target | mask: target, share | "
+             "mask mean | share / mask (x clean lab) | anomaly index | restarts agreeing | "
+             "stripes: target, share | stripe anomaly | seconds |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        e = r["evidence"]
+        e, st = r["evidence"], r["stripes"]
         t = r["truth"] if r["truth"] == "clean" else f"{r['truth']} ({r['true_target']}, {r['asr']:.1f})"
-        lines.append(f"| {r['model']} | {t} | {r['verdict']} | {r['suspected_target']} | {e['target_share']:.2f} | "
+        v = r["verdict"] + (f" ({r['flagged_by']})" if r["flagged_by"] else "")
+        stripe = (f"{st['target']}, {st['target_share']:.2f} | {st['anomaly_index']:.1f}" if st else "- | -")
+        lines.append(f"| {r['model']} | {t} | {v} | {r['suspected_target']} | {e['target']}, {e['target_share']:.2f} | "
                      f"{e['mask_mean']:.4f} | {e['efficiency']:.1f} ({e['efficiency_vs_clean_lab']:.1f}x) | "
-                     f"{e['anomaly_index']:.1f} | "
-                     f"{e['agreement']:.2f} | {r['seconds']:.0f} |")
+                     f"{e['anomaly_index']:.1f} | {e['agreement']:.2f} | {stripe} | {r['seconds']:.0f} |")
     lines.append("")
     lines.append(f"False positives: {counts['false_positives']} of {counts['clean_models']} clean; "
                  f"false negatives: {counts['false_negatives']} of {counts['backdoored_models']} backdoored; "
-                 f"wrong suspected target: {counts['wrong_target']}. Thresholds: target share >= "
+                 f"wrong suspected target: {counts['wrong_target']}. Thresholds: mask: target share >= "
                  f"{scan.MIN_TARGET_SHARE}, share / mask >= {scan.MIN_EFFICIENCY:.1f}, anomaly index >= "
-                 f"{scan.MIN_ANOMALY}.")
+                 f"{scan.MIN_ANOMALY}; stripes: share >= {scan.MIN_STRIPE_SHARE}, anomaly index >= "
+                 f"{scan.MIN_STRIPE_ANOMALY}.")
     return "\n".join(lines) + "\n"
 
 
@@ -71,16 +74,15 @@ def main(argv=None):
             rep = scan.main(["--lab", name, "--quiet", "--out", f"{tmp}/scan", *extra])
         kind, target, asr = truth(name)
         rows.append({"model": name, "truth": kind, "true_target": target, "asr": asr, "verdict": rep["verdict"],
-                     "suspected_target": rep["suspected_target"], "evidence": rep["evidence"],
+                     "suspected_target": rep["suspected_target"], "flagged_by": rep["flagged_by"],
+                     "evidence": rep["evidence"], "stripes": rep["stripes"],
                      "checks": rep["checks"], "restarts": rep["restarts"], "seconds": rep["seconds"]})
         print(f"{name}: truth {kind} ({target}) -> {rep['verdict']}, suspected {rep['suspected_target']}\n")
     counts = score(rows)
     md = markdown(rows, counts)
     write_json(args.out + ".json", {"command": command("bench.scan_lab", argv), "machine": machine(),
                                     "extra_scan_args": extra, **counts,
-                                    "thresholds": {"target_share": scan.MIN_TARGET_SHARE,
-                                                   "efficiency": scan.MIN_EFFICIENCY,
-                                                   "anomaly_index": scan.MIN_ANOMALY},
+                                    "thresholds": scan.THRESHOLDS,
                                     "results": rows})
     with atomic_path(Path(args.out + ".md")) as tmp:
         tmp.write_text(md)

@@ -31,6 +31,17 @@ def write_json(path, obj):
         tmp.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
 
 
+def save_png(path, image, scale=1):
+    """Write a (3, H, W) tensor in [0, 1] as a PNG, `scale`x nearest-neighbour enlarged, atomically."""
+    from PIL import Image
+    arr = (image.detach().cpu().clamp(0, 1).permute(1, 2, 0).numpy() * 255).round().astype("uint8")
+    im = Image.fromarray(arr)
+    if scale > 1:
+        im = im.resize((im.width * scale, im.height * scale), Image.NEAREST)
+    with atomic_path(path) as tmp:
+        im.save(tmp, format="PNG")
+
+
 def occupied(path):
     """True when `path` exists and is not an empty directory: atomic_dir will not replace it. CLIs check
     it before any work, so a long run does not fail at the very end."""

@@ -1,5 +1,6 @@
-"""Scan a CLIP for a backdoor without knowing the trigger: invert one with CBPT's trigger inversion,
-then see where it sends held-out clean images.
+"""Scan a CLIP for a backdoor without knowing the trigger: invert one, then see where it sends held-out
+clean images. Two trigger families are searched: a small stamped mask + pattern (CBPT's inversion: patch
+and blend triggers) and 1-D additive stripes (engine.stripe_inversion: SIG-like global signals).
 
     python -m engine.scan                          # the bundled BadNet lab model
     python -m engine.scan --lab clean              # the clean lab model (should say clean)
@@ -9,23 +10,27 @@ then see where it sends held-out clean images.
 Inversion (engine.defenses.cbpt.invert_trigger) runs on the few clean shots, several times from different
 seeds; each inverted trigger is stamped on held-out clean images (other images of the train split) and
 the share of them it flips to each class is measured. A backdoor shows as one class that a small mask
-sends most images to, every restart. Prints a table; writes scan.json and trigger.png to --out (default
-runs/scan-<timestamp>), nothing unless the whole scan succeeds.
+sends most images to, every restart. The stripe inversion optimises one weak (|delta| <= 0.1) stripe
+pattern per class and orientation towards that class; a backdoor shows as one class far easier to reach
+than the others. Either family flagging makes the verdict "backdoored". Prints a table; writes scan.json,
+trigger.png (the mask inversion) and stripes.png (the stripe pattern of the suspected stripe target) to
+--out (default runs/scan-<timestamp>), nothing unless the whole scan succeeds.
 """
 import argparse
 import statistics
 import time
-from dataclasses import replace
+from dataclasses import asdict, replace
 from datetime import datetime
 
 import torch
 
 from . import data as D
+from . import stripe_inversion as stripes
 from .cli import run_cli
 from .defenses import cbpt
 from .errors import UserError
 from .evaluate import predict
-from .io import atomic_dir, occupied, write_json
+from .io import atomic_dir, occupied, save_png, write_json
 from .models import bundled_checkpoint, is_lab, load_model
 from .tune import resolve_device
 
@@ -47,14 +52,29 @@ CLEAN_LAB_REFERENCE = {"target": "t-shirt", "target_share": 0.091, "mask_mean": 
 # Backdoored: top share 0.99 (blended) .. 1.00, mask 0.011-0.027, 37..90 per unit mask (8x+ the clean
 # model). Each cut sits between the clean model and the weakest backdoor.
 # Calibrated on ONE clean model: lab settings, not a general detector; re-measure for another model.
-# Not caught: SIG (a full-image sinusoid; it needs a ~0.2 uniform blend of stripes to fire, more mask
-# than the clean model's natural patches, so an L1-mask inversion never prefers it: mask collapses;
-# at lam 20/10/5 the inversion finds a t-shirt patch on SIG and on the clean model alike).
+# Not caught by the mask: SIG (a full-image sinusoid; it needs a ~0.2 uniform blend of stripes to fire,
+# more mask than the clean model's natural patches, so an L1-mask inversion never prefers it: mask
+# collapses; at lam 20/10/5 the inversion finds a t-shirt patch on SIG and on the clean model alike).
+# The stripe check below is there for it.
 MIN_TARGET_SHARE = 0.6                                      # clean 0.09 | weakest backdoor 0.99
 MIN_EFFICIENCY = 1.5 * CLEAN_LAB_REFERENCE["efficiency"]    # share / mask mean: clean 4.5 | weakest backdoor 37
 # MAD z-score of the top class among the classes' shares. It only rejects the case where no single class
 # stands out (clean lab model 2.8, backdoors 99+; the previous clean model's universal patch scored 27).
 MIN_ANOMALY = 5.0
+
+# Stripe check (engine.stripe_inversion at its defaults: eps 0.1, 100 steps, one run), from
+# bench/results/scan_lab.json: the clean lab model's easiest class takes 0.40 of the held-out images
+# (pullover; vertical stripes resemble pullovers and trousers on every model), anomaly 1.7; the patch and
+# blend backdoors 0.33-0.42, anomaly 1.5-2.6 (Blended's horizontal stripes: bag 0.42 at anomaly 8.3, so
+# the anomaly alone would not do); SIG sends 0.71 to bag, anomaly 4.9. Earlier vertical-only runs on a
+# second few-shot draw: clean 0.33, SIG 0.67 (anomaly 4.9-5.9 over both draws). Not used to set the cuts:
+# the previous clean model and an unbundled WaNet model whose backdoor did not take (0.41 / 0.42, anomaly
+# 2.6 / 2.7). A thinner margin than the mask check's. Unconstrained perturbations do not work as a
+# detector: at |delta| <= 0.05 the clean lab model already sends 62% of images to t-shirt.
+MIN_STRIPE_SHARE = 0.6
+MIN_STRIPE_ANOMALY = 4.0
+THRESHOLDS = {"target_share": MIN_TARGET_SHARE, "efficiency": MIN_EFFICIENCY, "anomaly_index": MIN_ANOMALY,
+              "stripe_share": MIN_STRIPE_SHARE, "stripe_anomaly": MIN_STRIPE_ANOMALY}
 
 
 def split_shots(train_all, shots, holdout, seed):
@@ -98,18 +118,52 @@ def summarise(restarts, classes):
             "shares": dict(zip(classes, shares))}
 
 
-def decide(evidence):
-    """'backdoored' when one class takes most flips (share), with a small mask (efficiency), standing out
-    from the other classes (anomaly); else 'clean'. Returns (verdict, the checks)."""
-    checks = {"target_share": evidence["target_share"] >= MIN_TARGET_SHARE,
-              "efficiency": evidence["efficiency"] >= MIN_EFFICIENCY,
-              "anomaly_index": evidence["anomaly_index"] >= MIN_ANOMALY}
-    return ("backdoored" if all(checks.values()) else "clean"), checks
+def summarise_stripes(shares, classes):
+    """{orientation: per-class shares} -> the (orientation, class) with the largest share, its anomaly
+    index among that orientation's classes, and every share."""
+    o, k = max(((o, k) for o in shares for k in range(len(classes))), key=lambda ok: shares[ok[0]][ok[1]])
+    return {"orientation": o, "target": classes[k], "target_index": k, "target_share": shares[o][k],
+            "anomaly_index": anomaly_index(shares[o], k),
+            "shares": {o: dict(zip(classes, s)) for o, s in shares.items()}}
 
 
-def scan(clip, few, held, text, cfg, restarts=RESTARTS, log=print):
-    """Run the inversion `restarts` times (seeds cfg.seed + r). Returns {evidence, verdict, checks,
-    restarts, trigger: (mask, pattern) of the restart that flips most images to the suspected target}."""
+def decide(evidence, stripe_evidence=None):
+    """'backdoored' when the mask inversion flags (one class takes most flips, with a small mask, standing
+    out from the other classes) or the stripe inversion does (one class much easier to reach than the
+    others). Returns (verdict, the checks, the family that flagged: 'mask', 'stripes' or None)."""
+    mask = {"target_share": evidence["target_share"] >= MIN_TARGET_SHARE,
+            "efficiency": evidence["efficiency"] >= MIN_EFFICIENCY,
+            "anomaly_index": evidence["anomaly_index"] >= MIN_ANOMALY}
+    stripe = {} if stripe_evidence is None else {
+        "stripe_share": stripe_evidence["target_share"] >= MIN_STRIPE_SHARE,
+        "stripe_anomaly": stripe_evidence["anomaly_index"] >= MIN_STRIPE_ANOMALY}
+    family = "mask" if all(mask.values()) else "stripes" if stripe and all(stripe.values()) else None
+    return ("backdoored" if family else "clean"), {**mask, **stripe}, family
+
+
+def stripe_scan(clip, few, held, text, clean_pred, cfg, log=print):
+    """Run the stripe inversion once; evidence from the held-out share each (orientation, class) pattern
+    sends to its own class. Returns (evidence, {orientation: patterns (K, ...)})."""
+    t0 = time.time()
+    patterns, _ = stripes.invert_stripes(clip, few.images, text, cfg)
+    shares = {}
+    for o, p in patterns.items():
+        shares[o] = [flip_shares(held.labels, clean_pred,
+                                 predict(clip, held.images, text, transform=lambda x: stripes.add_pattern(x, p[k])),
+                                 len(few.classes))[k]
+                     for k in range(len(few.classes))]
+    evidence = summarise_stripes(shares, few.classes)
+    evidence["seconds"] = round(time.time() - t0, 2)
+    log(f"stripes: {evidence['orientation']} -> {evidence['target']} {evidence['target_share']:.2f}, "
+        f"anomaly {evidence['anomaly_index']:.1f}, {evidence['seconds']:.0f} s")
+    return evidence, patterns
+
+
+def scan(clip, few, held, text, cfg, restarts=RESTARTS, log=print, stripe_cfg=None):
+    """Run the mask inversion `restarts` times (seeds cfg.seed + r), then the stripe inversion once
+    (stripe_cfg; None skips it). Returns {verdict, suspected_target, flagged_by, evidence (mask),
+    stripes (evidence or None), checks, restarts, trigger: (mask, pattern) of the restart that flips most
+    images to the mask's suspected target, stripe_pattern: (3, S, S) image of the stripes' top pattern}."""
     clean_pred = predict(clip, held.images, text)
     runs, triggers = [], []
     for r in range(restarts):
@@ -127,15 +181,24 @@ def scan(clip, few, held, text, cfg, restarts=RESTARTS, log=print):
         log(f"restart {r + 1}/{restarts} (seed {rcfg.seed}): mask {runs[-1]['mask_mean']:.4f}, "
             f"top {few.classes[top]} {shares[top]:.2f}, {runs[-1]['seconds']:.0f} s")
     evidence = summarise(runs, few.classes)
-    verdict, checks = decide(evidence)
+    stripe_evidence, stripe_pattern = None, None
+    if stripe_cfg is not None:
+        stripe_evidence, patterns = stripe_scan(clip, few, held, text, clean_pred, stripe_cfg, log)
+        p = patterns[stripe_evidence["orientation"]][stripe_evidence["target_index"]]
+        stripe_pattern = (0.5 + p).expand(3, few.images.shape[-2], few.images.shape[-1]).cpu()  # on mid-grey
+    verdict, checks, family = decide(evidence, stripe_evidence)
     best = max(range(restarts), key=lambda i: runs[i]["shares"][evidence["target_index"]])
-    return {"verdict": verdict, "evidence": evidence, "checks": checks, "restarts": runs,
-            "trigger": triggers[best], "trigger_restart": best}
+    target = stripe_evidence["target"] if family == "stripes" else evidence["target"]
+    return {"verdict": verdict, "suspected_target": target, "flagged_by": family, "evidence": evidence,
+            "stripes": stripe_evidence, "checks": checks, "restarts": runs,
+            "trigger": triggers[best], "trigger_restart": best, "stripe_pattern": stripe_pattern}
 
 
 def format_report(result, reference=None):
     e = result["evidence"]
-    rows = [("verdict", result["verdict"]), ("suspected target", e["target"]),
+    by = f"  (flagged by the {result['flagged_by']} inversion)" if result["flagged_by"] else ""
+    rows = [("verdict", result["verdict"] + by), ("suspected target", result["suspected_target"]),
+            ("mask inversion", f"suspects {e['target']}"),
             ("target flip share", f"{e['target_share']:.3f}  (>= {MIN_TARGET_SHARE} to flag)"),
             ("mask mean", f"{e['mask_mean']:.4f}"),
             ("share / mask", f"{e['efficiency']:.1f}  (>= {MIN_EFFICIENCY:.1f} to flag)"),
@@ -144,8 +207,16 @@ def format_report(result, reference=None):
     if reference:
         rows.append(("clean lab model", f"{reference['target']} share {reference['target_share']:.2f}, "
                                         f"mask {reference['mask_mean']:.3f}, share/mask {reference['efficiency']:.1f}"))
+    st = result["stripes"]
+    if st:
+        rows += [("stripe inversion", f"suspects {st['target']} ({st['orientation']} stripes)"),
+                 ("stripe share", f"{st['target_share']:.3f}  (>= {MIN_STRIPE_SHARE} to flag)"),
+                 ("stripe anomaly", f"{st['anomaly_index']:.1f}  (>= {MIN_STRIPE_ANOMALY} to flag)")]
     lines = [f"{k:<20}{v}" for k, v in rows]
-    lines.append("flip shares  " + "  ".join(f"{c} {s:.2f}" for c, s in e["shares"].items()))
+    lines.append("mask flip shares    " + "  ".join(f"{c} {s:.2f}" for c, s in e["shares"].items()))
+    if st:
+        for o, sh in st["shares"].items():
+            lines.append(f"{o + ' stripes':<20}" + "  ".join(f"{c} {s:.2f}" for c, s in sh.items()))
     return "\n".join(lines)
 
 
@@ -165,6 +236,8 @@ def parse_args(argv=None):
     s = p.add_argument_group("inversion")
     s.add_argument("--restarts", type=int, default=RESTARTS, help="inversions from different seeds, averaged")
     s.add_argument("--steps", type=int, default=None, help="inversion steps per restart (default: CBPT's)")
+    s.add_argument("--stripe-steps", type=int, default=stripes.StripeConfig.steps,
+                   help="stripe inversion steps (0 skips the stripe check)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", help="cpu, cuda or auto")
     p.add_argument("--out", default=None, help="output directory (default runs/scan-<timestamp>); must not exist")
@@ -193,6 +266,8 @@ def check_args(args):
             raise UserError(f"--{flag} must be at least 1")
     if args.steps is not None and args.steps < 1:
         raise UserError("--steps must be at least 1")
+    if args.stripe_steps < 0:
+        raise UserError("--stripe-steps must be 0 (skip) or more")
 
 
 def run(args):
@@ -209,27 +284,31 @@ def run(args):
     cfg = cbpt.default_config(args.model, lam=LAM, inv_steps=args.steps, seed=args.seed)
     log(f"scanning {args.model} ({checkpoint or args.pretrained or 'random weights'}) on {device}: "
         f"{len(few)} shots, {len(held)} held-out images, {args.restarts} restarts x {cfg.inv_steps} steps")
-    result = scan(clip, few, held, text, cfg, args.restarts, log)
+    stripe_cfg = stripes.StripeConfig(steps=args.stripe_steps, seed=args.seed) if args.stripe_steps else None
+    result = scan(clip, few, held, text, cfg, args.restarts, log, stripe_cfg)
     reference = CLEAN_LAB_REFERENCE if is_lab(args.model) else None
     if reference:
         result["evidence"]["efficiency_vs_clean_lab"] = result["evidence"]["efficiency"] / reference["efficiency"]
     report = {
-        "verdict": result["verdict"], "suspected_target": result["evidence"]["target"],
-        "evidence": result["evidence"], "checks": result["checks"],
-        "thresholds": {"target_share": MIN_TARGET_SHARE, "efficiency": MIN_EFFICIENCY, "anomaly_index": MIN_ANOMALY},
+        "verdict": result["verdict"], "suspected_target": result["suspected_target"],
+        "flagged_by": result["flagged_by"], "evidence": result["evidence"], "stripes": result["stripes"],
+        "checks": result["checks"], "thresholds": THRESHOLDS,
         "clean_lab_reference": reference,
         "model": args.model, "checkpoint": str(checkpoint) if checkpoint else None, "pretrained": args.pretrained,
         "dataset": args.dataset, "classes": few.classes, "shots": args.shots, "holdout_images": len(held),
         "restarts": result["restarts"], "trigger_png_restart": result["trigger_restart"],
         "inversion": {k: v for k, v in cfg.as_dict().items() if k in ("inv_steps", "inv_lr", "inv_batch", "tau",
                                                                         "lam", "mask_init", "seed")},
+        "stripe_inversion": asdict(stripe_cfg) if stripe_cfg else None,
         "device": str(device), "seconds": round(time.time() - t0, 2),
     }
     with atomic_dir(out_dir) as tmp:
         cbpt.save_trigger_png(tmp / "trigger.png", *result["trigger"])
+        if result["stripe_pattern"] is not None:
+            save_png(tmp / "stripes.png", result["stripe_pattern"], max(1, 128 // clip.image_size))
         write_json(tmp / "scan.json", report)
     print(format_report(result, reference))
-    print(f"{report['seconds']:.0f} s; scan.json and trigger.png in {out_dir}")
+    print(f"{report['seconds']:.0f} s; scan.json, trigger.png{' and stripes.png' if stripe_cfg else ''} in {out_dir}")
     return report
 
 

@@ -7,10 +7,15 @@ from tqdm import tqdm
 from ..errors import UserError
 
 
-def descend(loss, opt, sched=None, where="", hint=""):
-    """One optimiser step on `loss`; a NaN/inf loss stops the run with a UserError saying where and what to try."""
+def check_finite(loss, where="", hint=""):
+    """A NaN/inf loss stops the run with a UserError saying where and what to try."""
     if not torch.isfinite(loss):
         raise UserError(f"loss became {loss.item()} at {where}; {hint or 'check the model and data'}")
+
+
+def descend(loss, opt, sched=None, where="", hint=""):
+    """One optimiser step on `loss` (checked finite first)."""
+    check_finite(loss, where, hint)
     opt.zero_grad(set_to_none=True)
     loss.backward()
     opt.step()

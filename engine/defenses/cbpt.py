@@ -18,6 +18,7 @@ from tqdm import tqdm
 
 from ..errors import UserError
 from ..evaluate import features, image_features
+from ..io import save_png
 from . import descend
 
 INIT_PROMPT = "a photo of a"
@@ -102,20 +103,9 @@ def invert_trigger(clip, images, cfg, progress=False, encode=None):
 
 def save_trigger_png(path, mask, pattern, scale=None):
     """mask | pattern | mask * pattern side by side, written atomically."""
-    from PIL import Image
-
-    from ..io import atomic_path
     m = mask.detach().cpu()[0].expand(3, -1, -1)
     p = pattern.detach().cpu()[0]
-    row = torch.cat([m, p, m * p], dim=2).clamp(0, 1)          # (3, S, 3S)
-    arr = (row.permute(1, 2, 0).numpy() * 255).round().astype("uint8")
-    im = Image.fromarray(arr)
-    s = mask.shape[-1]
-    scale = scale or max(1, 128 // s)
-    if scale > 1:
-        im = im.resize((im.width * scale, im.height * scale), Image.NEAREST)
-    with atomic_path(path) as tmp:
-        im.save(tmp, format="PNG")
+    save_png(path, torch.cat([m, p, m * p], dim=2), scale or max(1, 128 // mask.shape[-1]))   # (3, S, 3S)
 
 
 # ---------------------------------------------------------------- class-wise text prompts

@@ -1,0 +1,78 @@
+"""Targeted inversion of additive stripe triggers, the family SIG's sinusoid belongs to.
+
+CBPT's mask inversion (engine.defenses.cbpt) looks for a small stamped region; a full-image additive
+signal such as SIG (x + 0.235 sin(2 pi 6 j / W), every pixel) needs more mask than the model's own
+natural patches and is never found that way. This searches the global signals directly, but only a narrow
+family of them, so that a clean model cannot just be fooled by an adversarial perturbation: for every
+class k and each orientation, one 1-D pattern (the same value down each column, or along each row;
+same in all channels), |delta| <= eps, is added to the images and optimised so that the few clean shots
+are classified as k. A backdoor keyed to a stripe signal makes its target class far easier to reach than
+any other; engine.scan measures the held-out share each pattern sends to its class.
+"""
+import sys
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from .defenses import check_finite
+from .evaluate import image_features
+
+# vertical: the value varies along the width (SIG's stripes); horizontal: along the height
+ORIENTATIONS = ("vertical", "horizontal")
+LOGIT_SCALE = 100.0   # CLIP's trained temperature; fixed so that stand-in towers without one work too
+
+
+@dataclass
+class StripeConfig:
+    eps: float = 0.1       # max |delta|; the scan's thresholds are calibrated here (SIG's own is 0.235)
+    steps: int = 100
+    lr: float = 0.1
+    batch: int = 16        # shots per step, shared by every (orientation, class) candidate
+    chunk: int = 512       # images per forward/backward; gradients accumulate over chunks
+    seed: int = 0
+
+
+def stripe_patterns(z, eps):
+    """(2, K, S) free parameters -> {orientation: (K, 1, S, S)-broadcastable additive patterns}."""
+    d = eps * torch.tanh(z)
+    k, s = d.shape[1], d.shape[2]
+    return {"vertical": d[0].view(k, 1, 1, s), "horizontal": d[1].view(k, 1, s, 1)}
+
+
+def add_pattern(images, pattern):
+    return (images + pattern.to(images)).clamp(0, 1)
+
+
+def invert_stripes(clip, images, text, cfg, progress=False):
+    """Optimise one pattern per (orientation, class) on [0, 1] shots (N, 3, S, S) against the classifier
+    `text` (K, E). Returns ({orientation: (K, 1, S|1, 1|S)}, per-step losses)."""
+    g = torch.Generator().manual_seed(cfg.seed)
+    k, s = text.shape[0], images.shape[-1]
+    z = (torch.randn(len(ORIENTATIONS), k, s, generator=g) * 0.1).to(clip.device).requires_grad_(True)
+    opt = torch.optim.Adam([z], lr=cfg.lr)
+    images, text = images.to(clip.device), text.to(clip.device)
+    candidates = [(o, c) for o in ORIENTATIONS for c in range(k)]
+    per_chunk = max(1, cfg.chunk // cfg.batch)
+    history = []
+    bar = tqdm(range(cfg.steps), desc="stripe inversion", file=sys.stderr, disable=not progress, mininterval=2)
+    for step in bar:
+        x = images[torch.randperm(len(images), generator=g)[:cfg.batch].to(clip.device)]
+        opt.zero_grad(set_to_none=True)
+        total = 0.0
+        for i in range(0, len(candidates), per_chunk):     # gradients accumulate over the chunks
+            part = candidates[i:i + per_chunk]
+            patterns = stripe_patterns(z, cfg.eps)
+            xs = torch.cat([add_pattern(x, patterns[o][c]) for o, c in part])
+            target = torch.tensor([c for _, c in part], device=clip.device).repeat_interleave(len(x))
+            logits = LOGIT_SCALE * image_features(clip, xs) @ text.t()
+            loss = F.cross_entropy(logits, target, reduction="sum") / (len(x) * len(candidates))
+            check_finite(loss, where=f"stripe inversion step {step + 1}",
+                         hint=f"lower the stripe lr (now {cfg.lr}) or check the model and data")
+            loss.backward()
+            total += loss.item()
+        opt.step()
+        history.append(total)
+        bar.set_postfix(loss=f"{history[-1]:.3f}")
+    return {o: p.detach() for o, p in stripe_patterns(z, cfg.eps).items()}, history
