@@ -141,11 +141,11 @@ def decide(evidence, stripe_evidence=None):
     return ("backdoored" if family else "clean"), {**mask, **stripe}, family
 
 
-def stripe_scan(clip, few, held, text, clean_pred, cfg, log=print):
+def stripe_scan(clip, few, held, text, clean_pred, cfg, log=print, progress=False):
     """Run the stripe inversion once; evidence from the held-out share each (orientation, class) pattern
     sends to its own class. Returns (evidence, {orientation: patterns (K, ...)})."""
     t0 = time.time()
-    patterns, _ = stripes.invert_stripes(clip, few.images, text, cfg)
+    patterns, _ = stripes.invert_stripes(clip, few.images, text, cfg, progress)
     shares = {}
     for o, p in patterns.items():
         shares[o] = [flip_shares(held.labels, clean_pred,
@@ -159,9 +159,9 @@ def stripe_scan(clip, few, held, text, clean_pred, cfg, log=print):
     return evidence, patterns
 
 
-def scan(clip, few, held, text, cfg, restarts=RESTARTS, log=print, stripe_cfg=None):
+def scan(clip, few, held, text, cfg, restarts=RESTARTS, log=print, stripe_cfg=None, progress=False):
     """Run the mask inversion `restarts` times (seeds cfg.seed + r), then the stripe inversion once
-    (stripe_cfg; None skips it). Returns {verdict, suspected_target, flagged_by, evidence (mask),
+    (stripe_cfg; None skips it; `progress`: a bar for it). Returns {verdict, suspected_target, flagged_by, evidence (mask),
     stripes (evidence or None), checks, restarts, trigger: (mask, pattern) of the restart that flips most
     images to the mask's suspected target, stripe_pattern: (3, S, S) image of the stripes' top pattern}."""
     clean_pred = predict(clip, held.images, text)
@@ -183,7 +183,7 @@ def scan(clip, few, held, text, cfg, restarts=RESTARTS, log=print, stripe_cfg=No
     evidence = summarise(runs, few.classes)
     stripe_evidence, stripe_pattern = None, None
     if stripe_cfg is not None:
-        stripe_evidence, patterns = stripe_scan(clip, few, held, text, clean_pred, stripe_cfg, log)
+        stripe_evidence, patterns = stripe_scan(clip, few, held, text, clean_pred, stripe_cfg, log, progress)
         p = patterns[stripe_evidence["orientation"]][stripe_evidence["target_index"]]
         stripe_pattern = (0.5 + p).expand(3, few.images.shape[-2], few.images.shape[-1]).cpu()  # on mid-grey
     verdict, checks, family = decide(evidence, stripe_evidence)
@@ -285,7 +285,7 @@ def run(args):
     log(f"scanning {args.model} ({checkpoint or args.pretrained or 'random weights'}) on {device}: "
         f"{len(few)} shots, {len(held)} held-out images, {args.restarts} restarts x {cfg.inv_steps} steps")
     stripe_cfg = stripes.StripeConfig(steps=args.stripe_steps, seed=args.seed) if args.stripe_steps else None
-    result = scan(clip, few, held, text, cfg, args.restarts, log, stripe_cfg)
+    result = scan(clip, few, held, text, cfg, args.restarts, log, stripe_cfg, progress=not args.quiet)
     reference = CLEAN_LAB_REFERENCE if is_lab(args.model) else None
     if reference:
         result["evidence"]["efficiency_vs_clean_lab"] = result["evidence"]["efficiency"] / reference["efficiency"]
