@@ -62,17 +62,18 @@ MIN_EFFICIENCY = 1.5 * CLEAN_LAB_REFERENCE["efficiency"]    # share / mask mean:
 # stands out (clean lab model 2.8, backdoors 99+; the previous clean model's universal patch scored 27).
 MIN_ANOMALY = 5.0
 
-# Stripe check (engine.stripe_inversion at its defaults: eps 0.1, 100 steps, one run), from
-# bench/results/scan_lab.json: the clean lab model's easiest class takes 0.40 of the held-out images
-# (pullover; vertical stripes resemble pullovers and trousers on every model), anomaly 1.7; the patch and
-# blend backdoors 0.33-0.42, anomaly 1.5-2.6 (Blended's horizontal stripes: bag 0.42 at anomaly 8.3, so
-# the anomaly alone would not do); SIG sends 0.71 to bag, anomaly 4.9. Earlier vertical-only runs on a
-# second few-shot draw: clean 0.33, SIG 0.67 (anomaly 4.9-5.9 over both draws). Not used to set the cuts:
-# the previous clean model and an unbundled WaNet model whose backdoor did not take (0.41 / 0.42, anomaly
-# 2.6 / 2.7). A thinner margin than the mask check's. Unconstrained perturbations do not work as a
-# detector: at |delta| <= 0.05 the clean lab model already sends 62% of images to t-shirt.
-MIN_STRIPE_SHARE = 0.6
-MIN_STRIPE_ANOMALY = 4.0
+# Stripe check (engine.stripe_inversion at its defaults: eps 0.1, 200 steps of 32 shots, one run).
+# Measured on four few-shot draws (--seed 0-3; seed 0 is bench/results/scan_lab.json): the clean lab
+# model's easiest class takes 0.40-0.46 of the held-out images (pullover: vertical stripes resemble
+# pullovers and trousers on every model), anomaly 1.6-2.6; SIG sends 0.65-0.80 to bag, anomaly 3.5-4.7.
+# The share separates; the anomaly cut only rejects a model that stripes push to many classes alike
+# (there the top share says nothing). The patch/blend backdoors' stripe numbers are in scan_lab.json
+# (Blended's horizontal stripes reach bag, its target, at a high anomaly and a low share). Not used to
+# set the cuts: the previous clean model and an unbundled WaNet model whose backdoor did not take
+# (0.41 / 0.42 at 100 steps of 16). A thinner margin than the mask check's. Unconstrained perturbations
+# do not work as a detector: at |delta| <= 0.05 the clean lab model already sends 62% of images to t-shirt.
+MIN_STRIPE_SHARE = 0.55
+MIN_STRIPE_ANOMALY = 3.0
 THRESHOLDS = {"target_share": MIN_TARGET_SHARE, "efficiency": MIN_EFFICIENCY, "anomaly_index": MIN_ANOMALY,
               "stripe_share": MIN_STRIPE_SHARE, "stripe_anomaly": MIN_STRIPE_ANOMALY}
 
