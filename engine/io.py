@@ -31,9 +31,11 @@ def write_json(path, obj):
         tmp.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
 
 
-def save_png(path, image, scale=1):
-    """Write a (3, H, W) tensor in [0, 1] as a PNG, `scale`x nearest-neighbour enlarged, atomically."""
+def save_png(path, image, scale=None):
+    """Write a (3, H, W) tensor in [0, 1] as a PNG, `scale`x nearest-neighbour enlarged (default: to about
+    128 pixels high, so a 32-pixel trigger is visible), atomically."""
     from PIL import Image
+    scale = scale or max(1, 128 // image.shape[-2])
     arr = (image.detach().cpu().clamp(0, 1).permute(1, 2, 0).numpy() * 255).round().astype("uint8")
     im = Image.fromarray(arr)
     if scale > 1:

@@ -162,9 +162,10 @@ def stripe_scan(clip, few, held, text, clean_pred, cfg, log=print, progress=Fals
 
 def scan(clip, few, held, text, cfg, restarts=RESTARTS, log=print, stripe_cfg=None, progress=False):
     """Run the mask inversion `restarts` times (seeds cfg.seed + r), then the stripe inversion once
-    (stripe_cfg; None skips it; `progress`: a bar for it). Returns {verdict, suspected_target, flagged_by, evidence (mask),
-    stripes (evidence or None), checks, restarts, trigger: (mask, pattern) of the restart that flips most
-    images to the mask's suspected target, stripe_pattern: (3, S, S) image of the stripes' top pattern}."""
+    (stripe_cfg; None skips it; `progress`: a bar for it). Returns {verdict, suspected_target, flagged_by,
+    evidence (mask), stripes (evidence or None), checks, restarts, trigger: (mask, pattern) of the restart
+    that flips most images to the mask's suspected target, stripe_pattern: (3, S, S) image of the stripes'
+    top pattern}."""
     clean_pred = predict(clip, held.images, text)
     runs, triggers = [], []
     for r in range(restarts):
@@ -306,7 +307,7 @@ def run(args):
     with atomic_dir(out_dir) as tmp:
         cbpt.save_trigger_png(tmp / "trigger.png", *result["trigger"])
         if result["stripe_pattern"] is not None:
-            save_png(tmp / "stripes.png", result["stripe_pattern"], max(1, 128 // clip.image_size))
+            save_png(tmp / "stripes.png", result["stripe_pattern"])
         write_json(tmp / "scan.json", report)
     print(format_report(result, reference))
     print(f"{report['seconds']:.0f} s; scan.json, trigger.png{' and stripes.png' if stripe_cfg else ''} in {out_dir}")

@@ -60,7 +60,7 @@ def test_summary_and_verdict_on_backdoor_and_clean_like_numbers():
     assert verdict == "clean" and family is None and not checks["target_share"] and not checks["efficiency"]
 
 
-def test_stripe_evidence_flags_one_easy_class_not_several():
+def test_stripe_evidence_flags_one_easy_class_not_every_class():
     classes = list("abcdefghij")
     natural = [0.14, 0.38, 0.40, 0.13, 0.01, 0.16, 0.11, 0.0, 0.21, 0.05]   # clean lab model, vertical
     keyed = [0.07, 0.26, 0.35, 0.17, 0.02, 0.19, 0.10, 0.02, 0.80, 0.04]    # SIG model, vertical
@@ -198,6 +198,13 @@ def test_stripe_inversion_gradients_do_not_depend_on_the_chunking():
     assert h1 == pytest.approx(h2, rel=1e-5)
     for o in stripes.ORIENTATIONS:
         torch.testing.assert_close(whole[o], chunked[o], rtol=1e-4, atol=1e-5)
+
+
+def test_stripe_inversion_stops_on_a_nan_loss():
+    clip, few, _, text = _stand_in(2, StripeBackdoor)
+    clip.model.scale.data.fill_(float("nan"))
+    with pytest.raises(UserError, match="stripe inversion step 1"):
+        stripes.invert_stripes(clip, few.images, text, stripes.StripeConfig(steps=3))
 
 
 # ---------------------------------------------------------------- the CLI: output and bad input

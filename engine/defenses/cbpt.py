@@ -105,7 +105,7 @@ def save_trigger_png(path, mask, pattern, scale=None):
     """mask | pattern | mask * pattern side by side, written atomically."""
     m = mask.detach().cpu()[0].expand(3, -1, -1)
     p = pattern.detach().cpu()[0]
-    save_png(path, torch.cat([m, p, m * p], dim=2), scale or max(1, 128 // mask.shape[-1]))   # (3, S, 3S)
+    save_png(path, torch.cat([m, p, m * p], dim=2), scale)   # (3, S, 3S)
 
 
 # ---------------------------------------------------------------- class-wise text prompts
