@@ -224,6 +224,33 @@ def cmd_all(args):
               "--out", str(LAB_CHECKPOINTS / f"{attack}.safetensors"), *shared])
 
 
+def cmd_zoo(args):
+    """Build the missing models of a zoo split, one after another; a second builder started beside this
+    one takes the models this one has not claimed."""
+    from . import zoo
+    todo = zoo.specs(args.split) if args.list else zoo.pending(args.split)
+    if args.list:
+        for s in todo:
+            print(json.dumps(s))
+        return todo
+    if args.only:
+        todo = [s for s in todo if s["name"] in args.only]
+    built = []
+    for spec in todo[:args.max_models]:
+        lock = zoo.claim(spec["name"])
+        if lock is None:
+            continue
+        try:
+            rec = zoo.build(spec, args.init, args.epochs, args.lr, args.rate, args.batch, args.data_dir)
+        finally:
+            lock.unlink(missing_ok=True)
+        m = rec["measured"]
+        print(f"{spec['name']}: CA {m['ca']:.2f}%" + (f"  ASR {m['asr']:.2f}% -> {spec['target']}" if "asr" in m else "")
+              + f"  ({rec['seconds']} s)", flush=True)
+        built.append(rec)
+    return built
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m engine.lab", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -268,9 +295,21 @@ def main(argv=None):
     q.add_argument("--poison-lr", type=float, default=POISON_LR)
     q.add_argument("--attacks", nargs="+", default=ATTACKS, choices=sorted(TRIGGERS),
                    help="note: all seven models exceed the 20 MB bundle budget of checkpoints/lab")
+    q = sub.add_parser("zoo", help="build the backdoor zoo's missing models (engine/zoo.py)")
+    q.add_argument("--split", required=True, choices=["dev", "test"])
+    q.add_argument("--list", action="store_true", help="print the split's specs and build nothing")
+    q.add_argument("--only", nargs="+", default=None, help="build only these model names")
+    q.add_argument("--max-models", type=int, default=None, help="stop after building this many")
+    q.add_argument("--init", default=str(LAB_CHECKPOINTS / "clean.safetensors"))
+    q.add_argument("--data-dir", default=None, help="Fashion-MNIST IDX folder (default: Debian's)")
+    q.add_argument("--epochs", type=int, default=POISON_EPOCHS)
+    q.add_argument("--lr", type=float, default=POISON_LR)
+    q.add_argument("--rate", type=float, default=0.05, help="poisoned fraction")
+    q.add_argument("--batch", type=int, default=256)
     args = p.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
-    {"pretrain": cmd_pretrain, "trigger": cmd_trigger, "poison": cmd_poison, "all": cmd_all}[args.cmd](args)
+    {"pretrain": cmd_pretrain, "trigger": cmd_trigger, "poison": cmd_poison, "all": cmd_all,
+     "zoo": cmd_zoo}[args.cmd](args)
 
 
 if __name__ == "__main__":

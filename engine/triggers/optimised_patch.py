@@ -43,18 +43,19 @@ def target_anchors(clip, target_name, z_target):
             "images": F.normalize(z_target.mean(0), dim=-1)}
 
 
-def patch_losses(clip, images, z0, pattern, terms, anchors):
-    """{term name: value} of the patched images, and their sum (the objective)."""
+def patch_losses(clip, images, z0, pattern, terms, anchors, offset=None):
+    """{term name: value} of the images patched at `offset` (y, x; default the centre), and their sum."""
     p = pattern.shape[-1]
-    off = (clip.image_size - p) // 2
-    z = embed(clip, stamp(images, pattern, off, off))
+    y, x = offset or ((clip.image_size - p) // 2,) * 2
+    z = embed(clip, stamp(images, pattern, y, x))
     values = {t.__name__: t(z, z0, anchors) for t in terms}
     return values, sum(values.values())
 
 
-def optimise_patch(clip, data, target, terms, seed, steps, lr, batch, progress=True):
-    """The centre patch (3, p, p) in [0, 1] minimising the sum of `terms` over non-target training
-    images, plus {term: (value with the initial patch, value with the optimised one)} on CHECK images."""
+def optimise_patch(clip, data, target, terms, seed, steps, lr, batch, progress=True, p=None, offset=None):
+    """The patch (3, p, p) in [0, 1] (default BadNet's size, at the centre; else `p` px at `offset`)
+    minimising the sum of `terms` over non-target training images, plus {term: (value with the initial
+    patch, value with the optimised one)} on CHECK images."""
     g = torch.Generator().manual_seed(seed)
     pool = data.subset(range(min(POOL, len(data))))
     images = pool.images.to(clip.device)
@@ -63,7 +64,7 @@ def optimise_patch(clip, data, target, terms, seed, steps, lr, batch, progress=T
     anchors = target_anchors(clip, data.classes[target], z_pool[pool.labels == target])
     others = torch.nonzero(pool.labels != target).flatten()
     check = others[:CHECK]
-    p = patch_size(clip.image_size)
+    p = p or patch_size(clip.image_size)
     initial = torch.rand(3, p, p, generator=g).to(clip.device)
     # optimise logits: the sigmoid keeps every pixel in [0, 1] without clipping away the gradient
     logits = torch.logit(initial.clamp(0.02, 0.98)).requires_grad_(True)
@@ -71,15 +72,15 @@ def optimise_patch(clip, data, target, terms, seed, steps, lr, batch, progress=T
     bar = tqdm(range(steps), desc=f"optimise patch ({p} px)", file=sys.stderr, mininterval=5, disable=not progress)
     for _ in bar:
         idx = others[torch.randint(len(others), (batch,), generator=g)]
-        values, loss = patch_losses(clip, images[idx], z_pool[idx], torch.sigmoid(logits), terms, anchors)
+        values, loss = patch_losses(clip, images[idx], z_pool[idx], torch.sigmoid(logits), terms, anchors, offset)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         bar.set_postfix({k: f"{v.item():.3f}" for k, v in values.items()}, refresh=False)
     pattern = torch.sigmoid(logits).detach()
     with torch.no_grad():
-        before, _ = patch_losses(clip, images[check], z_pool[check], initial, terms, anchors)
-        after, _ = patch_losses(clip, images[check], z_pool[check], pattern, terms, anchors)
+        before, _ = patch_losses(clip, images[check], z_pool[check], initial, terms, anchors, offset)
+        after, _ = patch_losses(clip, images[check], z_pool[check], pattern, terms, anchors, offset)
     return pattern.cpu(), {k: (round(before[k].item(), 4), round(after[k].item(), 4)) for k in before}
 
 
