@@ -17,6 +17,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from kernels.reference import prompt_attention_reference as torch_prompt_attention  # torch only, no triton
+
 from .errors import UserError
 
 BACKENDS = ("naive", "shared", "triton")
@@ -52,17 +54,8 @@ def _attn_params(block):
     return attn.in_proj_weight, attn.in_proj_bias, attn.out_proj, attn.num_heads
 
 
-def torch_prompt_attention(q, k, v, k_p, v_p, scale=None):
-    """softmax(q [k; k_p]^T scale) [v; v_p]; q,k,v (B,H,N,d), k_p,v_p (H,b,d) shared by the batch.
-    Only the small K/V of the prompts is broadcast; no prompt query or output row exists."""
-    B = q.shape[0]
-    k = torch.cat([k, k_p.unsqueeze(0).expand(B, -1, -1, -1)], dim=2)
-    v = torch.cat([v, v_p.unsqueeze(0).expand(B, -1, -1, -1)], dim=2)
-    return F.scaled_dot_product_attention(q, k, v, scale=scale)
-
-
 def _triton_prompt_attention(q, k, v, k_p, v_p, scale):
-    from kernels.prompt_attention import prompt_attention  # the module's function: the package name is shadowed
+    from kernels.prompt_attention import prompt_attention  # imports triton: only on this path
     return prompt_attention(q, k, v, k_p, v_p, scale)
 
 

@@ -17,8 +17,8 @@ import torch
 import triton
 import triton.language as tl
 
-# The plain torch reference is the engine's own prompt-aware attention (the `shared` path).
-from engine.prompted_vit import torch_prompt_attention as prompt_attention_reference  # noqa: F401
+# The plain torch reference (torch only), also the engine's prompt-aware attention (the `shared` path).
+from .reference import prompt_attention_reference  # noqa: F401
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)

@@ -14,8 +14,8 @@ import torch
 import triton
 import triton.language as tl
 
-# The plain torch reference is the engine's RVPT loss.
-from engine.defenses.rvpt import rvpt_loss as repel_ce_loss_reference  # noqa: F401
+# The plain torch reference (torch only), also the engine's RVPT loss.
+from .reference import repel_ce_loss_reference  # noqa: F401
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)

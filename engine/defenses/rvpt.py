@@ -6,7 +6,8 @@ import math
 from dataclasses import asdict, dataclass
 
 import torch
-import torch.nn.functional as F
+
+from kernels.reference import repel_ce_loss_reference as rvpt_loss  # L_CE + alpha * L_FR, torch only
 
 from .. import prompted_vit
 from ..augment import augment
@@ -43,16 +44,6 @@ def default_config(model_name, **overrides):
     base = dict(LAB_DEFAULTS) if model_name.startswith("lab-") else {}
     base.update({k: v for k, v in overrides.items() if v is not None})
     return RVPTConfig(**base)
-
-
-def rvpt_loss(cls, frozen_cls, feature, text, logit_scale, labels, alpha=2.0, margin=None):
-    """L_CE + alpha * L_FR; L_FR = mean_i mean_d cos(c_i^d, sigma_i^d) (optionally floored at m)."""
-    logits = logit_scale * F.normalize(feature, dim=-1) @ text.t()
-    ce = F.cross_entropy(logits, labels)
-    fr = F.cosine_similarity(cls, frozen_cls, dim=-1).mean(1)
-    if margin is not None:
-        fr = fr.clamp(min=margin)
-    return ce + alpha * fr.mean()
 
 
 def _loss_fn(backend):
