@@ -10,23 +10,15 @@ its own fp32 partial sum and torch reduces them in a fixed order (bit-reproducib
 adds them with fp32 atomics instead (no partial buffer, summation order not fixed).
 """
 import math
-import os
 
 import torch
 
 import triton
 import triton.language as tl
 
-# The plain torch reference (torch only), also the engine's prompt-aware attention (the `shared` path).
-from .reference import prompt_attention_reference  # noqa: F401
-
-_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-
-
-def _empty(shape, dtype, device):
-    """Every buffer the kernels fully overwrite comes from here (tests patch it to fill with NaN)."""
-    return torch.empty(shape, dtype=dtype, device=device)
+from . import _common
+from ._common import INTERPRET as _INTERPRET, check_device, check_float_dtypes, check_tensors
+from .reference import prompt_attention_reference  # noqa: F401  (the plain torch reference)
 
 
 def _precision(dtype):
@@ -239,8 +231,8 @@ def _bwd_dq_kernel(Q, K, V, KP, VP, DO, LSE, DELTA, DQ,
 
 
 def _check(q, k, v, k_p, v_p):
-    if not all(isinstance(t, torch.Tensor) for t in (q, k, v, k_p, v_p)):
-        raise ValueError("prompt_attention: q, k, v, k_p, v_p must be torch tensors")
+    names, ts = ("q", "k", "v", "k_p", "v_p"), (q, k, v, k_p, v_p)
+    check_tensors("prompt_attention", names, ts)
     if q.dim() != 4 or k.shape != q.shape or v.shape != q.shape:
         raise ValueError(f"prompt_attention: q, k, v must share one (B, H, N, d) shape; got "
                          f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
@@ -250,28 +242,21 @@ def _check(q, k, v, k_p, v_p):
                          f"{tuple(k_p.shape)}, {tuple(v_p.shape)}")
     if min(B, H, N, d) == 0:
         raise ValueError(f"prompt_attention: empty input {tuple(q.shape)}")
-    if q.dtype not in _DTYPES or any(t.dtype != q.dtype for t in (k, v, k_p, v_p)):
-        raise ValueError("prompt_attention: all inputs must have one dtype among float16, bfloat16, "
-                         f"float32; got {[str(t.dtype) for t in (q, k, v, k_p, v_p)]}")
-    if any(t.device != q.device for t in (k, v, k_p, v_p)):
-        raise ValueError(f"prompt_attention: all inputs must be on one device; got "
-                         f"{[str(t.device) for t in (q, k, v, k_p, v_p)]}")
-    if q.device.type != "cuda" and not _INTERPRET:
-        raise ValueError(f"prompt_attention: tensors on {q.device} need TRITON_INTERPRET=1 (set before "
-                         "importing kernels); the compiled kernels run on CUDA")
+    check_float_dtypes("prompt_attention", names, ts, same=True)
+    check_device("prompt_attention", ts)
 
 
 def _bnhd(B, H, N, d, dtype, device):
     """(B, H, N, d) view of (B, N, H, d) memory: the block's o.transpose(1, 2).reshape(B, N, H*d)
     after attention is then free (no copy)."""
-    return _empty((B, N, H, d), dtype, device).transpose(1, 2)
+    return _common.empty((B, N, H, d), dtype, device).transpose(1, 2)
 
 
 def _forward(q, k, v, k_p, v_p, scale):
     B, H, N, d = q.shape
     NP = k_p.shape[1]
     o = _bnhd(B, H, N, d, q.dtype, q.device)
-    lse = _empty((B, H, N), torch.float32, q.device)
+    lse = _common.empty((B, H, N), torch.float32, q.device)
     block_d = max(16, triton.next_power_of_2(d))
     grid = lambda meta: (triton.cdiv(N, meta["BLOCK_M"]), B * H)
     _fwd_kernel[grid](q, k, v, k_p, v_p, o, lse, *q.stride(), *k.stride(), *v.stride(),
@@ -290,7 +275,7 @@ def _backward(do, q, k, v, k_p, v_p, o, lse, scale, deterministic, needs):
     common = dict(HEAD_DIM=d, BLOCK_D=block_d, PRECISION=_precision(q.dtype))
     qk_scale = scale * math.log2(math.e)
 
-    delta = _empty((B, H, N), torch.float32, dev)
+    delta = _common.empty((B, H, N), torch.float32, dev)
     _bwd_delta_kernel[(triton.cdiv(N, bm), B * H)](o, do, delta, *o.stride(), *do.stride(), H, N,
                                                    HEAD_DIM=d, BLOCK_D=block_d, BLOCK_M=bm, num_warps=warps)
     dq = dk = dv = dk_p = dv_p = None
@@ -310,8 +295,8 @@ def _backward(do, q, k, v, k_p, v_p, o, lse, scale, deterministic, needs):
     if needs[3] or needs[4]:
         imgs, groups = _image_groups(B, H * triton.cdiv(NP, bn))
         if deterministic:  # per-group partials, then a fixed-order torch reduction over the groups
-            part_k = _empty((groups, H, NP, d), torch.float32, dev)
-            part_v = _empty((groups, H, NP, d), torch.float32, dev)
+            part_k = _common.empty((groups, H, NP, d), torch.float32, dev)
+            part_v = _common.empty((groups, H, NP, d), torch.float32, dev)
             out_strides = part_k.stride()
         else:  # atomics on the (H, b, d) sums: group stride 0
             part_k = torch.zeros((H, NP, d), dtype=torch.float32, device=dev)

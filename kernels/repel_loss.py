@@ -7,25 +7,17 @@ scalar gradient. The K-way softmax over classes is an online softmax over blocks
 that also accumulates sum_k softmax_k T_k (needed for dL/dz), so T is streamed once per sample.
 Per-sample losses go to a (B,) buffer summed by torch: the result is bit-reproducible.
 """
-import os
-
 import torch
 
 import triton
 import triton.language as tl
 
-# The plain torch reference (torch only), also the engine's RVPT loss.
-from .reference import repel_ce_loss_reference  # noqa: F401
+from . import _common
+from ._common import INTERPRET, check_device, check_float_dtypes, check_tensors
+from .reference import repel_ce_loss_reference  # noqa: F401  (the plain torch reference)
 
-_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _COS_EPS = 1e-8  # torch.nn.functional.cosine_similarity: each norm clamped at eps
 _NORM_EPS = 1e-12  # torch.nn.functional.normalize
-
-
-def _empty(shape, dtype, device):
-    """Every buffer the kernel fully overwrites comes from here (tests patch it to fill with NaN)."""
-    return torch.empty(shape, dtype=dtype, device=device)
 
 
 @triton.jit
@@ -94,8 +86,7 @@ def _repel_ce_kernel(C, S, Z, T, Y, LOSS, DC, DZ,
 def _check(c, s, z, text, labels):
     names = ("c", "s", "z", "text", "labels")
     ts = (c, s, z, text, labels)
-    if not all(isinstance(t, torch.Tensor) for t in ts):
-        raise ValueError("repel_ce_loss: c, s, z, text, labels must be torch tensors")
+    check_tensors("repel_ce_loss", names, ts)
     if c.dim() != 3 or s.shape != c.shape:
         raise ValueError(f"repel_ce_loss: c and s must share one (B, P, W) shape; got {tuple(c.shape)}, {tuple(s.shape)}")
     B = c.shape[0]
@@ -107,29 +98,23 @@ def _check(c, s, z, text, labels):
         raise ValueError(f"repel_ce_loss: labels must be (B={B},); got {tuple(labels.shape)}")
     if min(c.shape) == 0 or min(text.shape) == 0:
         raise ValueError(f"repel_ce_loss: empty input c {tuple(c.shape)}, text {tuple(text.shape)}")
-    for n, t in zip(names[:4], ts[:4]):
-        if t.dtype not in _DTYPES:
-            raise ValueError(f"repel_ce_loss: {n} must be float16, bfloat16 or float32; got {t.dtype}")
+    check_float_dtypes("repel_ce_loss", names[:4], ts[:4], same=False)
     if labels.dtype not in (torch.int64, torch.int32):
         raise ValueError(f"repel_ce_loss: labels must be int64 (or int32); got {labels.dtype}")
-    if any(t.device != c.device for t in ts):
-        raise ValueError(f"repel_ce_loss: all inputs must be on one device; got {[str(t.device) for t in ts]}")
-    if c.device.type != "cuda" and not _INTERPRET:
-        raise ValueError(f"repel_ce_loss: tensors on {c.device} need TRITON_INTERPRET=1 (set before "
-                         "importing kernels); the compiled kernel runs on CUDA")
+    check_device("repel_ce_loss", ts)
 
 
 def _forward(c, s, z, text, logit_scale, labels, alpha, margin):
     B, P, W = c.shape
     K, E = text.shape
     dev = c.device
-    loss = _empty((B,), torch.float32, dev)
-    dc = _empty((B, P, W), torch.float32, dev)
-    dz = _empty((B, E), torch.float32, dev)
+    loss = _common.empty((B,), torch.float32, dev)
+    dc = _common.empty((B, P, W), torch.float32, dev)
+    dz = _common.empty((B, E), torch.float32, dev)
     block_e = triton.next_power_of_2(E)
     # A (BLOCK_K, E) text tile of ~4K fp32 values per program keeps registers low on a GPU;
     # the interpreter prefers few, large steps.
-    block_k = 32 if _INTERPRET else max(1, min(64, 4096 // block_e))
+    block_k = 32 if INTERPRET else max(1, min(64, 4096 // block_e))
     _repel_ce_kernel[(B,)](c, s, z, text, labels, loss, dc, dz,
                            *c.stride(), *s.stride(), *z.stride(), *text.stride(),
                            P, W, E, K, logit_scale, 1.0 / B, alpha / B,

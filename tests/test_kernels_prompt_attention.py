@@ -20,7 +20,7 @@ FLOOR = {torch.float32: 1e-6, torch.float16: 5e-4, torch.bfloat16: 4e-3}
 
 @pytest.fixture(autouse=True)
 def nan_buffers(monkeypatch):
-    poison_buffers(monkeypatch, pa)
+    poison_buffers(monkeypatch)
 
 
 def make_inputs(B, H, N, b, d, dtype, seed=None):

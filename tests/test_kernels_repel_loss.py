@@ -21,7 +21,7 @@ FLOOR = {torch.float32: 1e-6, torch.float16: 1e-4, torch.bfloat16: 1e-3}
 
 @pytest.fixture(autouse=True)
 def nan_buffers(monkeypatch):
-    poison_buffers(monkeypatch, rl)
+    poison_buffers(monkeypatch)
 
 
 def make_inputs(B, P, W, E, K):
