@@ -5,9 +5,11 @@ The prompt K/V have no batch dimension: the kernels read them with batch stride 
 concatenation [k ; k_p] (B copies of the prompt) is never materialised. One online softmax
 (FlashAttention-2, base-2 exponentials with log2(e) folded into the scale) runs over the image key
 blocks, then over the prompt key blocks. The backward recomputes P from the saved row log-sum-exp.
-dk_p / dv_p are sums over the batch: by default every (image group, head, key block) program writes
-its own fp32 partial sum and torch reduces them in a fixed order (bit-reproducible); deterministic=False
-adds them with fp32 atomics instead (no partial buffer, summation order not fixed).
+dk_p / dv_p are sums over the batch: by default (deterministic=True) every (image group, head, key
+block) program writes its own fp32 partial sum and torch reduces them in a fixed order, and the forward
+runs one pinned config instead of the autotuned one (bit-reproducible); deterministic=False adds the
+partial sums with fp32 atomics instead (no partial buffer, summation order not fixed) and autotunes the
+forward.
 """
 import math
 
@@ -17,7 +19,7 @@ import triton
 import triton.language as tl
 
 from . import _common
-from ._common import INTERPRET as _INTERPRET, check_device, check_float_dtypes, check_tensors
+from ._common import INTERPRET, check_device, check_float_dtypes, check_tensors, launch_first_fit, sm_count
 from .reference import prompt_attention_reference  # noqa: F401  (the plain torch reference)
 
 
@@ -26,32 +28,68 @@ def _precision(dtype):
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
+# Kernel configs as (BLOCK_M, BLOCK_N, num_warps, num_stages). The interpreter cannot benchmark
+# configs and prefers few interpreted steps: one 32x32 config everywhere.
+_INTERPRET_CONFIG = (32, 32, 4, 1)
+_FWD_TUNED = [(64, 64, 4, 2), (64, 64, 4, 3), (64, 32, 4, 3), (128, 64, 8, 3), (128, 32, 4, 3)]
+
+
+def _wide_fp32(block_d, dtype):
+    """fp32 tiles of a head dim padded past 64 (d = 80 -> 128): each 64 x 128 tile is 32 KB, and
+    pipelining two stages of them can exceed the shared memory of many GPUs."""
+    return block_d > 64 and dtype == torch.float32
+
+
 def _fwd_configs():
-    if _INTERPRET:  # the interpreter cannot benchmark configs: one config (32: fewer interpreted steps)
-        return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32}, num_warps=4, num_stages=1)]
-    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
-            for bm, bn, w, s in [(64, 64, 4, 2), (64, 64, 4, 3), (64, 32, 4, 3), (128, 64, 8, 3), (128, 32, 4, 3)]]
+    if INTERPRET:
+        return [triton.Config({"BLOCK_M": _INTERPRET_CONFIG[0], "BLOCK_N": _INTERPRET_CONFIG[1]},
+                              num_warps=_INTERPRET_CONFIG[2], num_stages=_INTERPRET_CONFIG[3])]
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s) for bm, bn, w, s in _FWD_TUNED]
 
 
-# Programs wanted for the prompt dK/dV pass: about two per SM of an H100 (132 SMs).
-_PROMPT_PROGRAMS = 3 if _INTERPRET else 264
+def _fwd_pinned(block_d, dtype):
+    """The forward's configs with deterministic=True, preferred first: one fixed config (the autotuner's
+    pick may change from run to run, and with it the summation order), smaller ones as fallbacks when it
+    does not fit the device."""
+    if INTERPRET:
+        return [_INTERPRET_CONFIG]
+    first = [(64, 64, 4, 1)] if _wide_fp32(block_d, dtype) else [(64, 64, 4, 2), (64, 64, 4, 1)]
+    return first + [(64, 32, 4, 1), (32, 32, 4, 1)]
 
 
-def _image_groups(B, programs_per_group):
-    """Images per program and number of groups for the prompt dK/dV pass. One program per image
-    would write B partial (H, b, d) sums (at N = 50 that traffic rivals the whole backward's);
-    one per head would leave the GPU idle. Groups of images sit in between."""
-    want = max(1, min(B, _PROMPT_PROGRAMS // max(1, programs_per_group)))
+def _bwd_configs(block_d, dtype):
+    """The backward kernels' configs, preferred first, smaller blocks / fewer stages after: the first that
+    fits the device runs. Fixed, not autotuned: an autotuner would re-run the atomic variant and add its
+    partial sums several times."""
+    if INTERPRET:
+        return [_INTERPRET_CONFIG]
+    if block_d <= 64:
+        return [(64, 64, 4, 2), (64, 64, 4, 1), (64, 32, 4, 1), (32, 32, 4, 1)]
+    first = [(64, 64, 8, 1)] if _wide_fp32(block_d, dtype) else [(64, 64, 8, 2), (64, 64, 8, 1)]
+    return first + [(32, 64, 4, 1), (32, 32, 4, 1)]
+
+
+# The first config that fitted, per (pass, BLOCK_D, dtype, device): later calls start there.
+_FITS = {}
+
+# Programs wanted for the prompt dK/dV pass: about two per SM (264 on an H100's 132 SMs).
+_PROGRAMS_PER_SM = 2
+_INTERPRET_PROGRAMS = 3  # under the interpreter: a few, so that groups of several images are exercised
+
+
+def _prompt_programs(device):
+    sms = None if INTERPRET else sm_count(device)
+    return _INTERPRET_PROGRAMS if sms is None else _PROGRAMS_PER_SM * sms
+
+
+def _image_groups(B, programs_per_group, programs):
+    """Images per program and number of groups for the prompt dK/dV pass, for about `programs`
+    programs in all. One program per image would write B partial (H, b, d) sums (at N = 50 that
+    traffic rivals the whole backward's); one per head would leave the GPU idle. Groups of images sit
+    in between."""
+    want = max(1, min(B, programs // max(1, programs_per_group)))
     imgs = triton.cdiv(B, want)
     return imgs, triton.cdiv(B, imgs)
-
-
-def _bwd_blocks(block_d):
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages) of the backward kernels. Fixed, not autotuned: an
-    autotuner would re-run the atomic variant and add its partial sums several times."""
-    if _INTERPRET:
-        return 32, 32, 4, 1
-    return (64, 64, 4, 2) if block_d <= 64 else (64, 64, 8, 2)
 
 
 @triton.jit
@@ -81,7 +119,6 @@ def _fwd_over_keys(acc, m_i, l_i, q, k_base, v_base, sk_n, sk_d, sv_n, sv_d, n_k
     return acc, m_i, l_i
 
 
-@triton.autotune(configs=_fwd_configs(), key=["N", "NP", "HEAD_DIM"])
 @triton.jit
 def _fwd_kernel(Q, K, V, KP, VP, O, LSE,
                 sq_b, sq_h, sq_n, sq_d, sk_b, sk_h, sk_n, sk_d, sv_b, sv_h, sv_n, sv_d,
@@ -111,6 +148,10 @@ def _fwd_kernel(Q, K, V, KP, VP, O, LSE,
     o_ptrs = O + bi * so_b + hi * so_h + offs_m[:, None] * so_n + offs_d[None, :] * so_d
     tl.store(o_ptrs, acc.to(O.dtype.element_ty), mask=mask)
     tl.store(LSE + pid_bh * N + offs_m, m_i + tl.log2(l_i), mask=offs_m < N)  # base-2 LSE
+
+
+# deterministic=False: the same kernel autotuned over _FWD_TUNED.
+_fwd_kernel_tuned = triton.autotune(configs=_fwd_configs(), key=["N", "NP", "HEAD_DIM"])(_fwd_kernel)
 
 
 @triton.jit
@@ -252,26 +293,49 @@ def _bnhd(B, H, N, d, dtype, device):
     return _common.empty((B, N, H, d), dtype, device).transpose(1, 2)
 
 
-def _forward(q, k, v, k_p, v_p, scale):
+def _block_d(d):
+    return max(16, triton.next_power_of_2(d))
+
+
+def _fits_key(pass_name, block_d, dtype, device):
+    return pass_name, block_d, dtype, str(device)
+
+
+def _forward(q, k, v, k_p, v_p, scale, deterministic):
     B, H, N, d = q.shape
-    NP = k_p.shape[1]
-    o = _bnhd(B, H, N, d, q.dtype, q.device)
-    lse = _common.empty((B, H, N), torch.float32, q.device)
-    block_d = max(16, triton.next_power_of_2(d))
-    grid = lambda meta: (triton.cdiv(N, meta["BLOCK_M"]), B * H)
-    _fwd_kernel[grid](q, k, v, k_p, v_p, o, lse, *q.stride(), *k.stride(), *v.stride(),
-                      *k_p.stride(), *v_p.stride(), *o.stride(),
-                      H, N, NP, scale * math.log2(math.e),
-                      HEAD_DIM=d, BLOCK_D=block_d, PRECISION=_precision(q.dtype))
-    return o, lse
+    block_d = _block_d(d)
+    args = lambda o, lse: (q, k, v, k_p, v_p, o, lse, *q.stride(), *k.stride(), *v.stride(),
+                           *k_p.stride(), *v_p.stride(), *o.stride(),
+                           H, N, k_p.shape[1], scale * math.log2(math.e))
+    common = dict(HEAD_DIM=d, BLOCK_D=block_d, PRECISION=_precision(q.dtype))
+
+    def outputs():
+        return _bnhd(B, H, N, d, q.dtype, q.device), _common.empty((B, H, N), torch.float32, q.device)
+
+    if not deterministic:  # the autotuner skips configs that do not fit the device
+        o, lse = outputs()
+        grid = lambda meta: (triton.cdiv(N, meta["BLOCK_M"]), B * H)
+        _fwd_kernel_tuned[grid](*args(o, lse), **common)
+        return o, lse
+
+    def launch(cfg):
+        bm, bn, warps, stages = cfg
+        o, lse = outputs()
+        _fwd_kernel[(triton.cdiv(N, bm), B * H)](*args(o, lse), BLOCK_M=bm, BLOCK_N=bn,
+                                                 num_warps=warps, num_stages=stages, **common)
+        return o, lse
+
+    return launch_first_fit(_fwd_pinned(block_d, q.dtype), launch, _FITS,
+                            _fits_key("fwd", block_d, q.dtype, q.device))
 
 
-def _backward(do, q, k, v, k_p, v_p, o, lse, scale, deterministic, needs):
+def _backward_with(cfg, do, q, k, v, k_p, v_p, o, lse, scale, deterministic, needs):
+    """The backward with one (BLOCK_M, BLOCK_N, num_warps, num_stages) config; allocates every output."""
     B, H, N, d = q.shape
     NP = k_p.shape[1]
     dev = q.device
-    block_d = max(16, triton.next_power_of_2(d))
-    bm, bn, warps, stages = _bwd_blocks(block_d)
+    block_d = _block_d(d)
+    bm, bn, warps, stages = cfg
     common = dict(HEAD_DIM=d, BLOCK_D=block_d, PRECISION=_precision(q.dtype))
     qk_scale = scale * math.log2(math.e)
 
@@ -293,7 +357,7 @@ def _backward(do, q, k, v, k_p, v_p, o, lse, scale, deterministic, needs):
             *dk.stride(), B, H, N, N, 1, qk_scale, scale,
             BLOCK_M=bm, BLOCK_N=bn, ATOMIC=False, num_warps=warps, num_stages=stages, **common)
     if needs[3] or needs[4]:
-        imgs, groups = _image_groups(B, H * triton.cdiv(NP, bn))
+        imgs, groups = _image_groups(B, H * triton.cdiv(NP, bn), _prompt_programs(dev))
         if deterministic:  # per-group partials, then a fixed-order torch reduction over the groups
             part_k = _common.empty((groups, H, NP, d), torch.float32, dev)
             part_v = _common.empty((groups, H, NP, d), torch.float32, dev)
@@ -312,10 +376,17 @@ def _backward(do, q, k, v, k_p, v_p, o, lse, scale, deterministic, needs):
     return dq, dk, dv, dk_p, dv_p
 
 
+def _backward(do, q, k, v, k_p, v_p, o, lse, scale, deterministic, needs):
+    block_d = _block_d(q.shape[-1])
+    launch = lambda cfg: _backward_with(cfg, do, q, k, v, k_p, v_p, o, lse, scale, deterministic, needs)
+    return launch_first_fit(_bwd_configs(block_d, q.dtype), launch, _FITS,
+                            _fits_key("bwd", block_d, q.dtype, q.device))
+
+
 class PromptAttentionFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, k_p, v_p, scale, deterministic):
-        o, lse = _forward(q, k, v, k_p, v_p, scale)
+        o, lse = _forward(q, k, v, k_p, v_p, scale, deterministic)
         ctx.save_for_backward(q, k, v, k_p, v_p, o, lse)
         ctx.scale, ctx.deterministic = scale, deterministic
         return o
@@ -330,7 +401,9 @@ class PromptAttentionFunction(torch.autograd.Function):
 def prompt_attention(q, k, v, k_p, v_p, scale=None, deterministic=True):
     """softmax(q [k; k_p]^T scale) [v; v_p]. q, k, v: (B, H, N, d); k_p, v_p: (H, b, d), shared by
     the batch. Any strides are accepted (e.g. views of a fused qkv projection); a unit stride on d is
-    fastest. The output is a (B, H, N, d) view of (B, N, H, d) memory."""
+    fastest. The output is a (B, H, N, d) view of (B, N, H, d) memory.
+    deterministic=True (default): bit-reproducible on a given device (one pinned forward config, fixed-
+    order prompt-gradient sums); False: autotuned forward, atomic prompt-gradient sums."""
     _check(q, k, v, k_p, v_p)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     return PromptAttentionFunction.apply(q, k, v, k_p, v_p, scale, bool(deterministic))

@@ -90,7 +90,7 @@ def test_all_scores_negative():
 @pytest.mark.parametrize("programs", [1, 3, 100], ids=["one_group", "ragged_groups", "group_per_image"])
 def test_prompt_grads_image_groups(monkeypatch, programs):
     """The prompt dK/dV pass sums groups of images per program: 5 images as 1x5, 2+2+1 or 5x1."""
-    monkeypatch.setattr(pa, "_PROMPT_PROGRAMS", programs)
+    monkeypatch.setattr(pa, "_prompt_programs", lambda device: programs)
     inputs, do = make_inputs(5, 1, 9, 4, 16, dtype=torch.float32)
     check_all(inputs, do, torch.float32)
 
