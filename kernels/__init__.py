@@ -1,23 +1,19 @@
 """Triton kernels of the RVPT fast path: prompt-aware attention and the fused RVPT loss.
 
+Each op is one module holding its Triton kernels, its torch.autograd.Function and a function API:
+`kernels.prompt_attention.prompt_attention`, `kernels.repel_loss.repel_ce_loss`. Their plain torch
+references are in `kernels.reference` (torch only), the helpers both ops share in `kernels._common`.
+The package imports nothing outside itself but torch and triton.
+
 Importing this package does not import triton: `triton_available()` may be asked on any machine, and
-the kernel modules are loaded on first use (`kernels.prompt_attention` etc.). To run the kernels on
-CPU tensors, TRITON_INTERPRET=1 must be in the environment before triton is first imported (triton's
-own library functions are @triton.jit too, decorated at import).
+`kernels.reference` works without triton. To run the kernels on CPU tensors, TRITON_INTERPRET=1 must be
+in the environment before triton is first imported (triton's own library functions are @triton.jit
+too, decorated at import).
 """
-import importlib
 import importlib.util
 import os
 
-__all__ = ["prompt_attention", "prompt_attention_reference", "repel_ce_loss", "repel_ce_loss_reference",
-           "triton_available"]
-
-_LAZY = {
-    "prompt_attention": ".prompt_attention",
-    "prompt_attention_reference": ".prompt_attention",
-    "repel_ce_loss": ".repel_loss",
-    "repel_ce_loss_reference": ".repel_loss",
-}
+__all__ = ["triton_available"]
 
 
 def triton_available():
@@ -28,16 +24,3 @@ def triton_available():
         return True
     import torch
     return torch.cuda.is_available()
-
-
-def __getattr__(name):
-    if name in _LAZY:
-        module = importlib.import_module(_LAZY[name], __name__)
-        # Bind the functions as package attributes: the import above set `kernels.prompt_attention`
-        # to the submodule, and the function must win (`from kernels import prompt_attention`).
-        # For the module itself use importlib.import_module("kernels.prompt_attention").
-        for attr, source in _LAZY.items():
-            if source == _LAZY[name]:
-                globals()[attr] = getattr(module, attr)
-        return globals()[name]
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
