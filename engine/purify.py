@@ -7,9 +7,10 @@ runs.Tuned (numbers + what the run directory keeps). All share one signature:
 `args` the engine.tune flags (--epochs and --lr override the defense's own defaults; for rvpt+cbpt they
 apply to the RVPT stage)."""
 import time
+from dataclasses import replace
 
 from . import prompted_vit
-from .defenses import cbpt, cleanclip, linear_probe, rvpt
+from .defenses import cbpt, cleanclip, linear_probe, repair, rvpt
 from .evaluate import evaluate_attack
 from .runs import Tuned
 
@@ -117,5 +118,29 @@ def tune_cleanclip(args, job):
                  prompted_vit.parameter_count(tuned_clip.model), cfg.as_dict(), history, model=tuned_clip.model)
 
 
+def tune_repair(args, job):
+    """Detect (mask + stripe inversions on the shots), then distil deep visual prompts so the dummy
+    trigger stops working; nothing is tuned when the detector reads the model clean."""
+    base = repair.RepairConfig()
+    cfg = replace(base, seed=args.seed, lr=args.lr or base.lr, epochs=args.epochs or base.epochs, batch=args.batch,
+                  augment=args.augment)
+    t0 = time.time()
+    res = repair.tune(job.clip, job.train, job.text, cfg, job.backend, progress=not args.quiet,
+                      log=None if args.quiet else print)
+    seconds = time.time() - t0
+    found = res["detection"]
+    extra = {"detection": {"verdict": found["verdict"], "flagged_by": found["flagged_by"],
+                           "suspected_target": job.test.classes[found["suspected_target"]], "checks": found["checks"],
+                           "mask": found["mask"], "stripes": found["stripes"]},
+             "repaired": res["prompts"] is not None}
+    if res["prompts"] is None:
+        return Tuned("repair", _after(job), seconds, 0, cfg.as_dict(), [], extra=extra)
+    eval_backend = "shared" if job.backend == "naive" else job.backend
+    encode = prompted_vit.encoder(job.clip.visual, res["prompts"], eval_backend)
+    return Tuned("repair", _after(job, encode), seconds, prompted_vit.parameter_count(res["prompts"]), cfg.as_dict(),
+                 res["history"], backend=job.backend, prompts=res["prompts"], start=cfg.start, extra=extra)
+
+
 DEFENSES = {"rvpt": tune_rvpt, "vpt": tune_vpt, "cbpt": tune_cbpt, "coop": tune_coop,
-            "rvpt+cbpt": tune_rvpt_cbpt, "linear-probe": tune_linear_probe, "cleanclip": tune_cleanclip}
+            "rvpt+cbpt": tune_rvpt_cbpt, "linear-probe": tune_linear_probe, "cleanclip": tune_cleanclip,
+            "repair": tune_repair}

@@ -1,6 +1,6 @@
-"""engine.scan: the statistic flags a planted target (constructed shares, and stand-in encoders with a
-planted corner patch or a planted stripe signal), scan.json + trigger.png + stripes.png are written
-atomically, bad input is a one-line error."""
+"""engine.scan / engine.inversion.detect: the statistics flag a planted target (constructed numbers, and
+stand-in encoders with a planted corner patch or a planted stripe signal), scan.json + trigger.png are
+written atomically, bad input is a one-line error."""
 import json
 import os
 import subprocess
@@ -12,97 +12,82 @@ import torch
 import torch.nn.functional as F
 
 from engine import scan
-from engine import stripe_inversion as stripes
 from engine.data import ImageSet
-from engine.defenses import cbpt
 from engine.errors import UserError
+from engine.inversion import detect as det
+from engine.inversion import stripes
+from engine.inversion import targeted
 from engine.evaluate import predict
 from engine.models import Clip
 
 ROOT = Path(__file__).resolve().parent.parent
-TINY = ["--steps", "3", "--stripe-steps", "2", "--restarts", "1", "--shots", "2", "--holdout", "100", "--quiet"]
+TINY = ["--steps", "3", "--stripe-steps", "2", "--shots", "2", "--holdout", "100", "--quiet"]
 
 
-# ---------------------------------------------------------------- the statistic on constructed numbers
+# ---------------------------------------------------------------- the statistics on constructed numbers
 
 def test_anomaly_index_flags_the_planted_class_only():
     shares = [0.02, 0.01, 0.03, 0.0, 0.01, 0.02, 0.0, 0.01, 0.9, 0.02]
-    assert scan.anomaly_index(shares, 8) > 50
-    assert scan.anomaly_index(shares, 2) < 3
-    flat = [0.1, 0.12, 0.09, 0.11, 0.1, 0.08, 0.1, 0.13, 0.11, 0.1]
-    assert max(scan.anomaly_index(flat, k) for k in range(10)) < scan.MIN_ANOMALY
+    assert det.anomaly_index(shares, 8) > 50
+    assert det.anomaly_index(shares, 2) < 3
+    # a share spread below the measurement floor does not make a tiny difference an outlier
+    assert det.anomaly_index([0.5] * 9 + [0.505], 9) < 1
+
+
+def test_log_outlier_finds_the_small_mask_not_a_uniformly_small_model():
+    sizes = [70.0, 90, 84, 86, 77, 80, 79, 105, 20, 95]
+    k, a = targeted.log_outlier(sizes)
+    assert k == 8 and a > 5
+    k, a = targeted.log_outlier([66.0, 71, 93, 83, 86, 78, 84, 79, 110, 87])   # clean-like: no outlier
+    assert k == 0 and a < 3
+    # a hand computation: logs of the others' median / MAD
+    import math
+    import statistics
+    logs = [math.log(v) for v in sizes]
+    others = logs[:8] + logs[9:]
+    med = statistics.median(others)
+    mad = 1.4826 * statistics.median(abs(v - med) for v in others)
+    assert targeted.log_outlier(sizes)[1] == pytest.approx((med - logs[8]) / mad)
 
 
 def test_flip_shares_count_only_images_the_trigger_moves():
     labels = torch.tensor([0, 0, 1, 1, 2, 2])
-    clean = torch.tensor([0, 2, 1, 1, 2, 2])      # image 1 is already predicted 2 without the trigger
-    trig = torch.tensor([2, 2, 2, 1, 2, 0])
-    shares = scan.flip_shares(labels, clean, trig, 3)
-    # class 2: pool = images 0, 2, 3 (not labelled 2, not predicted 2 when clean); 0 and 2 go to 2
-    assert shares == pytest.approx([1 / 4, 0.0, 2 / 3])
+    clean = torch.tensor([0, 0, 1, 1, 2, 1])
+    trig = torch.tensor([2, 2, 2, 1, 2, 2])
+    shares = det.flip_shares(labels, clean, trig, 3)
+    # class 2: images not labelled 2 and not predicted 2 when clean: 0, 1, 2, 3 -> three of four flipped
+    assert shares[2] == pytest.approx(0.75) and shares[0] == 0.0
 
 
-def _restart(shares, mask, classes):
-    top = max(range(len(shares)), key=shares.__getitem__)
-    return {"shares": shares, "mask_mean": mask, "top": classes[top]}
+def _decide(mask_anomaly, share, stripe_anomaly):
+    cfg = det.DetectConfig()
+    return det.decide({"anomaly_index": mask_anomaly}, {"target_share": share, "anomaly_index": stripe_anomaly}, cfg)
 
 
-def test_summary_and_verdict_on_backdoor_and_clean_like_numbers():
-    classes = ["a", "b", "c", "d"]
-    planted = [_restart([0.0, 0.02, 0.97, 0.01], 0.015, classes), _restart([0.01, 0.0, 0.9, 0.0], 0.02, classes)]
-    ev = scan.summarise(planted, classes)
-    assert ev["target"] == "c" and ev["agreement"] == 1.0 and ev["target_share"] == pytest.approx(0.935)
-    assert scan.decide(ev) == ("backdoored", {"target_share": True, "efficiency": True, "anomaly_index": True},
-                               "mask")
-    # the clean lab model's numbers: its best universal patch flips a tenth of the images
-    natural = [_restart([0.09, 0.07, 0.05, 0.03], 0.02, classes)]
-    verdict, checks, family = scan.decide(scan.summarise(natural, classes))
-    assert verdict == "clean" and family is None and not checks["target_share"] and not checks["efficiency"]
-
-
-def test_stripe_evidence_flags_one_easy_class_not_every_class():
-    classes = list("abcdefghij")
-    natural = [0.14, 0.38, 0.40, 0.13, 0.01, 0.16, 0.11, 0.0, 0.21, 0.05]   # clean lab model, vertical
-    keyed = [0.07, 0.26, 0.35, 0.17, 0.02, 0.19, 0.10, 0.02, 0.80, 0.04]    # SIG model, vertical
-    flat = [0.03] * 10
-    mask = scan.summarise([_restart([0.01] * 10, 0.003, classes)], classes)  # the mask finds nothing
-    st = scan.summarise_stripes({"vertical": keyed, "horizontal": flat}, classes)
-    assert (st["orientation"], st["target"], st["target_share"]) == ("vertical", "i", 0.80)
-    assert st["shares"]["horizontal"]["a"] == 0.03
-    verdict, checks, family = scan.decide(mask, st)
-    assert (verdict, family) == ("backdoored", "stripes") and checks["stripe_anomaly"]
-    st = scan.summarise_stripes({"vertical": natural, "horizontal": flat}, classes)
-    assert st["target"] == "c" and scan.decide(mask, st)[0] == "clean"
-    # a model that stripes push anywhere: high shares, but no class stands out
-    pliable = [0.7, 0.65, 0.72, 0.68, 0.66, 0.7, 0.69, 0.71, 0.75, 0.67]
-    verdict, checks, _ = scan.decide(mask, scan.summarise_stripes({"vertical": pliable, "horizontal": flat}, classes))
-    assert verdict == "clean" and checks["stripe_share"] and not checks["stripe_anomaly"]
+def test_verdict_on_backdoor_and_clean_like_numbers():
+    assert _decide(10.0, 0.3, 1.0)[::2] == ("backdoored", "mask")
+    assert _decide(1.0, 0.9, 6.0)[::2] == ("backdoored", "stripes")
+    assert _decide(1.0, 0.9, 1.0)[::2] == ("clean", None)       # stripes push every class alike
+    assert _decide(1.0, 0.3, 6.0)[::2] == ("clean", None)       # an outlier, but no class really reachable
+    verdict, checks, _ = _decide(1.0, 0.3, 1.0)
+    assert verdict == "clean" and set(checks) == {"mask_anomaly", "stripe_share", "stripe_anomaly"}
 
 
 def test_stripe_patterns_are_bounded_one_dimensional_signals():
-    z = torch.randn(2, 3, 8) * 5
+    z = torch.randn(4, 3, 63) * 5
     p = stripes.stripe_patterns(z, 0.1)
-    images = torch.rand(4, 3, 8, 8)
-    v, h = stripes.add_pattern(images, p["vertical"][1]), stripes.add_pattern(images, p["horizontal"][2])
-    assert v.shape == h.shape == images.shape and 0 <= v.min() and v.max() <= 1
-    assert p["vertical"].abs().max() <= 0.1 and p["horizontal"].abs().max() <= 0.1
-    # vertical stripes: one value per column, the same down every row and in every channel
-    dv = (stripes.add_pattern(torch.full_like(images, 0.5), p["vertical"][1]) - 0.5)[0]
-    assert torch.allclose(dv, dv[0, 0].expand(3, 8, 8)) and dv[0, 0].std() > 0
-    dh = (stripes.add_pattern(torch.full_like(images, 0.5), p["horizontal"][2]) - 0.5)[0]
-    assert torch.allclose(dh, dh[0, :, :1].expand(3, 8, 8)) and dh[0, :, 0].std() > 0
-
-
-def test_pinned_clean_reference_is_the_benchmarked_clean_scan():
-    """CLEAN_LAB_REFERENCE (and so MIN_EFFICIENCY) is copied from bench.scan_lab's clean row: a rebuilt
-    clean model must re-pin it."""
-    rows = json.loads((ROOT / "bench" / "results" / "scan_lab.json").read_text())["results"]
-    clean = next(r["evidence"] for r in rows if r["model"] == "clean")
-    ref = scan.CLEAN_LAB_REFERENCE
-    assert ref["target"] == clean["target"]
-    assert ref["target_share"] == pytest.approx(clean["target_share"], abs=5e-4)
-    assert ref["mask_mean"] == pytest.approx(clean["mask_mean"], abs=5e-5)
-    assert ref["efficiency"] == pytest.approx(clean["efficiency"], abs=0.05)
+    assert set(p) == set(stripes.ORIENTATIONS)
+    for o, q in p.items():
+        full = q.expand(3, 1, 32, 32)[:, 0]
+        assert full.abs().max() <= 0.1 + 1e-6
+        if o == "vertical":
+            assert (full == full[:, :1, :]).all()                      # constant down each column
+        if o == "horizontal":
+            assert (full == full[:, :, :1]).all()
+        if o == "diagonal":                                            # constant along each anti-diagonal
+            assert full[0, 3, 5] == full[0, 5, 3] == full[0, 0, 8]
+        if o == "antidiagonal":                                        # constant along each diagonal
+            assert full[0, 3, 5] == full[0, 0, 2] == full[0, 29, 31]
 
 
 # ---------------------------------------------------------------- the whole scan on a stand-in model
@@ -156,30 +141,35 @@ def _stand_in(target, tower=CornerBackdoor):
     return clip, data.subset(range(40)), data.subset(range(40, 200)), text
 
 
+def _cfg(mask_steps, stripe_steps):
+    return det.DetectConfig(mask=targeted.TargetedConfig(steps=mask_steps), stripes=stripes.StripeConfig(steps=stripe_steps))
+
+
 @pytest.mark.parametrize("planted", [2, None])
 def test_scan_finds_a_planted_corner_trigger_and_passes_the_unplanted_model(planted):
     clip, few, held, text = _stand_in(planted)
-    res = scan.scan(clip, few, held, text, cbpt.CBPTConfig(lam=scan.LAM, inv_steps=60, inv_batch=32),
-                    restarts=2, log=lambda *a: None, stripe_cfg=stripes.StripeConfig(steps=30))
+    res = scan.scan(clip, few, held, text, _cfg(60, 30), log=lambda *a: None)
     if planted is None:
-        assert res["verdict"] == "clean", (res["evidence"], res["stripes"])
-        assert res["stripes"]["target_share"] < 0.1        # the tower ignores additive stripes
+        assert res["verdict"] == "clean", (res["mask"], res["stripes"])
+        for o in ("vertical", "horizontal"):                # the row/column-centred tower ignores these
+            assert max(res["stripes"]["shares"][o].values()) < 0.1
     else:
-        assert res["verdict"] == "backdoored" and res["flagged_by"] == "mask", res["evidence"]
-        assert res["evidence"]["target"] == "c" and res["evidence"]["target_share"] > 0.9
+        assert res["verdict"] == "backdoored" and res["flagged_by"] == "mask", res["mask"]
+        assert res["mask"]["target"] == "c" and res["mask"]["target_share"] > 0.9
         assert res["suspected_target"] == "c"
-        mask = res["trigger"][0][0, 0]
-        assert mask[:4, :4].mean() > 5 * mask.mean()      # the inverted mask sits on the planted corner
+        mask = res["mask_trigger"][0][0]
+        blocks = torch.nn.functional.avg_pool2d(mask[None, None], 4)[0, 0]
+        assert blocks.argmax() == 0 and blocks[0, 0] > 2 * mask.mean()  # the mask sits on the planted corner
 
 
 @pytest.mark.parametrize("planted", [2, None])
 def test_scan_finds_a_planted_stripe_signal(planted):
     clip, few, held, text = _stand_in(planted, StripeBackdoor)
-    res = scan.scan(clip, few, held, text, cbpt.CBPTConfig(lam=scan.LAM, inv_steps=30, inv_batch=32),
-                    restarts=1, log=lambda *a: None, stripe_cfg=stripes.StripeConfig(steps=30))
+    res = scan.scan(clip, few, held, text, _cfg(30, 30), log=lambda *a: None)
     st = res["stripes"]
     if planted is None:
-        assert res["verdict"] == "clean" and st["target_share"] < 0.1, (res["evidence"], st)
+        assert res["verdict"] == "clean", (res["mask"], st)
+        assert max(st["shares"]["vertical"].values()) < 0.1
     else:
         # the stand-in's signal is simple enough for the mask inversion too; the stripe check must flag alone
         assert res["verdict"] == "backdoored" and res["suspected_target"] == "c", st
@@ -219,19 +209,20 @@ def small_data(monkeypatch):
 def test_scan_writes_json_and_png_atomically(tmp_path, monkeypatch, small_data):
     out = tmp_path / "scan"
     rep = scan.main(["--lab", "badnet", "--out", str(out), *TINY])
-    assert sorted(p.name for p in out.iterdir()) == ["scan.json", "stripes.png", "trigger.png"]
+    assert sorted(p.name for p in out.iterdir()) == ["scan.json", "trigger.png"]
     saved = json.loads((out / "scan.json").read_text())
     assert saved["verdict"] in ("backdoored", "clean") and saved["verdict"] == rep["verdict"]
-    assert saved["suspected_target"] in saved["classes"] and len(saved["restarts"]) == 1
-    for key in ("target_share", "mask_mean", "efficiency", "anomaly_index", "shares", "efficiency_vs_clean_lab"):
-        assert key in saved["evidence"]
-    assert set(saved["stripes"]["shares"]) == {"vertical", "horizontal"} and saved["stripe_inversion"]["steps"] == 2
-    assert set(saved["checks"]) == set(saved["thresholds"])
+    assert saved["suspected_target"] in saved["classes"]
+    for key in ("target", "anomaly_index", "mask_size", "target_share", "sizes"):
+        assert key in saved["mask"]
+    assert set(saved["stripes"]["shares"]) == set(stripes.ORIENTATIONS)
+    assert saved["inversion"]["stripes"]["steps"] == 2 and saved["inversion"]["mask"]["steps"] == 3
+    assert len(saved["checks"]) == len(saved["thresholds"])
     assert saved["shots"] == 2 and saved["holdout_images"] == 100 and saved["checkpoint"].endswith("badnet.safetensors")
 
     def fail(*a, **k):
         raise OSError("disk full")
-    monkeypatch.setattr(scan.cbpt, "save_trigger_png", fail)
+    monkeypatch.setattr(scan, "save_png", fail)
     broken = tmp_path / "broken"
     with pytest.raises(OSError):
         scan.main(["--lab", "badnet", "--out", str(broken), *TINY])
@@ -244,7 +235,7 @@ def test_scan_writes_json_and_png_atomically(tmp_path, monkeypatch, small_data):
     (["--lab", "nosuch"], "no bundled lab checkpoint"),
     (["--lab", "clean", "--checkpoint", "x.safetensors"], "not several"),
     (["--shots", "100000"], "fewer than --shots"),
-    (["--restarts", "0"], "at least 1"),
+    (["--steps", "0"], "at least 1"),
     (["--stripe-steps", "-1"], "0 \\(skip\\) or more"),
 ])
 def test_bad_input_raises_user_error_and_writes_nothing(tmp_path, small_data, args, message):

@@ -10,18 +10,19 @@ are classified as k. A backdoor keyed to a stripe signal makes its target class 
 any other; engine.scan measures the held-out share each pattern sends to its class.
 """
 import sys
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from .defenses import check_finite
-from .evaluate import image_features
+from ..defenses import check_finite
+from ..evaluate import image_features
 
-# vertical: the value varies along the width (SIG's stripes); horizontal: along the height
-ORIENTATIONS = ("vertical", "horizontal")
-LOGIT_SCALE = 100.0   # CLIP's trained temperature; fixed so that stand-in towers without one work too
+# vertical: the value varies along the width (SIG's stripes); horizontal: along the height; diagonal:
+# constant along each anti-diagonal (a function of row + column); antidiagonal: of row - column
+ORIENTATIONS = ("vertical", "horizontal", "diagonal", "antidiagonal")
+from . import LOGIT_SCALE
 
 
 @dataclass
@@ -33,12 +34,20 @@ class StripeConfig:
     chunk: int = 512       # images per forward/backward; gradients accumulate over chunks
     seed: int = 0
 
+    def as_dict(self):
+        return asdict(self)
+
 
 def stripe_patterns(z, eps):
-    """(2, K, S) free parameters -> {orientation: (K, 1, S, S)-broadcastable additive patterns}."""
+    """(4, K, 2S - 1) free parameters -> {orientation: (K, 1, S, S)-broadcastable additive patterns}
+    (vertical and horizontal use the first S values of their row)."""
     d = eps * torch.tanh(z)
-    k, s = d.shape[1], d.shape[2]
-    return {"vertical": d[0].view(k, 1, 1, s), "horizontal": d[1].view(k, 1, s, 1)}
+    k, s = d.shape[1], (d.shape[2] + 1) // 2
+    i = torch.arange(s, device=z.device)
+    diag = (i[:, None] + i[None, :]).flatten()
+    anti = (i[:, None] - i[None, :] + s - 1).flatten()
+    return {"vertical": d[0, :, :s].view(k, 1, 1, s), "horizontal": d[1, :, :s].view(k, 1, s, 1),
+            "diagonal": d[2][:, diag].view(k, 1, s, s), "antidiagonal": d[3][:, anti].view(k, 1, s, s)}
 
 
 def add_pattern(images, pattern):
@@ -47,10 +56,10 @@ def add_pattern(images, pattern):
 
 def invert_stripes(clip, images, text, cfg, progress=False):
     """Optimise one pattern per (orientation, class) on [0, 1] shots (N, 3, S, S) against the classifier
-    `text` (K, E). Returns ({orientation: (K, 1, S|1, 1|S)}, per-step losses)."""
+    `text` (K, E). Returns ({orientation: (K, 1, S|1, S|1) patterns}, per-step losses)."""
     g = torch.Generator().manual_seed(cfg.seed)
     k, s = text.shape[0], images.shape[-1]
-    z = (torch.randn(len(ORIENTATIONS), k, s, generator=g) * 0.1).to(clip.device).requires_grad_(True)
+    z = (torch.randn(len(ORIENTATIONS), k, 2 * s - 1, generator=g) * 0.1).to(clip.device).requires_grad_(True)
     opt = torch.optim.Adam([z], lr=cfg.lr)
     images, text = images.to(clip.device), text.to(clip.device)
     candidates = [(o, c) for o in ORIENTATIONS for c in range(k)]

@@ -10,7 +10,9 @@
 Each acts on [0, 1] images (n, 3, S, S). Sizes and positions are in pixels of the lab's 32 px images and
 scale with the image size. A patch at a "random" position moves per image, drawn from a generator
 seeded by the spec, so two evaluations of the same images see the same positions."""
+import json
 import math
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -135,3 +137,24 @@ class SpecTrigger:
             return (images + self.signal.to(images)).clamp(0, 1)
         grid = self.grid.to(images).expand(images.shape[0], -1, -1, -1)
         return F.grid_sample(images, grid, mode="bilinear", padding_mode="border", align_corners=True)
+
+
+def spec_trigger(text, size):
+    """A SpecTrigger from a JSON string or @FILE; a file may hold a zoo record (its 'trigger' is used)."""
+    if text.startswith("@"):
+        path = Path(text[1:])
+        if not path.is_file():
+            raise UserError(f"trigger spec file {path} does not exist")
+        text = path.read_text()
+    try:
+        spec = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise UserError(f"--trigger-spec is not valid JSON: {e}") from e
+    if isinstance(spec, dict) and "family" not in spec and isinstance(spec.get("trigger"), dict):
+        spec = spec["trigger"]
+    if not isinstance(spec, dict):
+        raise UserError("--trigger-spec must be a JSON object such as {\"family\": \"patch\", \"size\": 3, ...}")
+    try:
+        return SpecTrigger(size, spec)
+    except (KeyError, TypeError, ValueError) as e:
+        raise UserError(f"--trigger-spec {spec}: missing or bad field ({e})") from e

@@ -1,0 +1,7 @@
+"""Trigger inversions (what a backdoor's trigger could be, from a few clean shots) and the detector built
+on them: targeted.py (stamped mask + pattern per class), stripes.py (1-D stripe signals per class),
+detect.py (both, and the outlier tests over classes)."""
+
+# Inversions score classes at CLIP's trained temperature, fixed so that stand-in towers without a
+# logit_scale work too.
+LOGIT_SCALE = 100.0

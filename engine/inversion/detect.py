@@ -1,0 +1,119 @@
+"""Is this model backdoored, towards which class, and with what trigger? Two targeted inversions over
+every class, each followed by an outlier test over the classes:
+
+- mask (engine.inversion.targeted): the smallest stamped mask + pattern sending the other classes'
+  shots to k; a backdoor target needs a far smaller mask (MAD anomaly index of the log mask sizes);
+- stripes (engine.inversion.stripes): one faint 1-D pattern per orientation and class; a backdoor keyed
+  to a global periodic signal makes its target far easier to reach (share of probe images sent there).
+
+Used by engine.scan (probe = held-out clean images) and the repair defense (probe = the shots). The
+thresholds are chosen on the zoo's dev split (bench/zoo.py --split dev); see DetectConfig."""
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from ..evaluate import predict
+from . import stripes as stripe_inversion
+from . import targeted
+
+MAD_FLOOR = 0.01    # a share is measured to ~1 point: no smaller spread counts
+
+
+@dataclass
+class DetectConfig:
+    mask: targeted.TargetedConfig = field(default_factory=targeted.TargetedConfig)
+    stripes: stripe_inversion.StripeConfig = field(default_factory=stripe_inversion.StripeConfig)
+    use_stripes: bool = True
+    min_mask_anomaly: float = 3.5       # MAD units below the other classes' log mask sizes
+    min_stripe_share: float = 0.55
+    min_stripe_anomaly: float = 3.0
+
+    def as_dict(self):
+        return asdict(self)
+
+
+def flip_shares(labels, clean_pred, trig_pred, n_classes):
+    """Per class k: of the probe images neither labelled k nor predicted k when clean, the share the
+    trigger sends to k."""
+    shares = []
+    for k in range(n_classes):
+        pool = (labels != k) & (clean_pred != k)
+        shares.append((trig_pred[pool] == k).float().mean().item() if pool.any() else 0.0)
+    return shares
+
+
+def anomaly_index(shares, k, floor=MAD_FLOOR):
+    """MAD z-score of class k's share against the other classes' shares (Neural Cleanse style)."""
+    others = [s for i, s in enumerate(shares) if i != k]
+    med = statistics.median(others)
+    mad = 1.4826 * statistics.median(abs(s - med) for s in others)
+    return (shares[k] - med) / max(mad, floor)
+
+
+def mask_evidence(clip, few, text, cfg, probe, clean_pred, progress=False):
+    t0 = time.time()
+    (masks, patterns), sizes, _ = targeted.invert(clip, few.images, few.labels, text, cfg, progress=progress)
+    k, anomaly = targeted.log_outlier(sizes)
+    trig = predict(clip, probe.images, text, transform=lambda x: targeted.stamp(x, masks[k].to(x), patterns[k].to(x)))
+    share = flip_shares(probe.labels, clean_pred, trig, len(few.classes))[k]
+    return {"target": few.classes[k], "target_index": k, "anomaly_index": anomaly, "target_share": share,
+            "mask_size": sizes[k], "sizes": dict(zip(few.classes, sizes)), "seconds": round(time.time() - t0, 2)}, \
+        (masks[k], patterns[k])
+
+
+def stripe_evidence(clip, few, text, cfg, probe, clean_pred, progress=False):
+    """The (orientation, class) whose pattern sends the largest share of the probe images to its class,
+    that share's anomaly index among its orientation's classes, and every share."""
+    t0 = time.time()
+    patterns, _ = stripe_inversion.invert_stripes(clip, few.images, text, cfg, progress)
+    shares = {}
+    for o, p in patterns.items():
+        shares[o] = [flip_shares(probe.labels, clean_pred,
+                                 predict(clip, probe.images, text, transform=lambda x: stripe_inversion.add_pattern(x, p[k])),
+                                 len(few.classes))[k]
+                     for k in range(len(few.classes))]
+    o, k = max(((o, k) for o in shares for k in range(len(few.classes))), key=lambda ok: shares[ok[0]][ok[1]])
+    return {"orientation": o, "target": few.classes[k], "target_index": k, "target_share": shares[o][k],
+            "anomaly_index": anomaly_index(shares[o], k),
+            "shares": {o: dict(zip(few.classes, s)) for o, s in shares.items()},
+            "seconds": round(time.time() - t0, 2)}, patterns[o][k]
+
+
+def decide(mask_ev, stripe_ev, cfg):
+    """(verdict, {check: passed}, the family that flagged: 'mask', 'stripes' or None)."""
+    checks = {"mask_anomaly": mask_ev["anomaly_index"] >= cfg.min_mask_anomaly}
+    if stripe_ev is not None:
+        checks["stripe_share"] = stripe_ev["target_share"] >= cfg.min_stripe_share
+        checks["stripe_anomaly"] = stripe_ev["anomaly_index"] >= cfg.min_stripe_anomaly
+    family = "mask" if checks["mask_anomaly"] else \
+        "stripes" if stripe_ev is not None and checks["stripe_share"] and checks["stripe_anomaly"] else None
+    return ("backdoored" if family else "clean"), checks, family
+
+
+def detect(clip, few, text, cfg, probe=None, progress=False, log=None):
+    """Evidence of both inversions and the verdict. `probe`: clean images the inverted triggers are
+    measured on (default the shots). Returns {verdict, suspected_target (index), flagged_by, checks,
+    mask, stripes, trigger: a callable on [0, 1] images (the flagged family's, else the mask's)}."""
+    probe = few if probe is None else probe
+    clean_pred = predict(clip, probe.images, text)
+    mask_ev, (m, p) = mask_evidence(clip, few, text, cfg.mask, probe, clean_pred, progress)
+    if log:
+        log(f"mask inversion: {mask_ev['target']} mask {mask_ev['mask_size']:.1f} px, anomaly "
+            f"{mask_ev['anomaly_index']:.1f}, share {mask_ev['target_share']:.2f}, {mask_ev['seconds']:.0f} s")
+    stripe_ev, pattern = None, None
+    if cfg.use_stripes:
+        stripe_ev, pattern = stripe_evidence(clip, few, text, cfg.stripes, probe, clean_pred, progress)
+        if log:
+            log(f"stripe inversion: {stripe_ev['orientation']} -> {stripe_ev['target']} share "
+                f"{stripe_ev['target_share']:.2f}, anomaly {stripe_ev['anomaly_index']:.1f}, {stripe_ev['seconds']:.0f} s")
+    verdict, checks, family = decide(mask_ev, stripe_ev, cfg)
+    if family == "stripes":
+        target, trigger, image = stripe_ev["target_index"], lambda x: stripe_inversion.add_pattern(x, pattern.to(x)), \
+            (0.5 + pattern).expand(3, few.images.shape[-2], few.images.shape[-1])
+    else:
+        target, trigger, image = mask_ev["target_index"], lambda x: targeted.stamp(x, m.to(x), p.to(x)), m * p
+    return {"verdict": verdict, "suspected_target": target, "flagged_by": family, "checks": checks,
+            "mask": mask_ev, "stripes": stripe_ev, "trigger": trigger, "trigger_image": image.cpu(),
+            "mask_trigger": (m.cpu(), p.cpu()), "stripe_pattern": None if pattern is None else pattern.cpu()}

@@ -1,0 +1,107 @@
+"""The backdoor zoo: seeded, reproducible specs with disjoint dev/test splits covering every family; spec
+triggers do what their spec says; the zoo builder's claim lock; bench.zoo's aggregation on a tiny zoo."""
+import json
+
+import pytest
+import torch
+
+from bench import zoo as bench_zoo
+from engine import zoo
+from engine.errors import UserError
+from engine.triggers.spec import SpecTrigger, spec_trigger
+
+
+def test_specs_are_reproducible_and_the_splits_disjoint():
+    assert zoo.specs("test") == zoo.specs("test") and zoo.specs("dev") == zoo.specs("dev")
+    dev, test = zoo.specs("dev"), zoo.specs("test")
+    assert not {s["seed"] for s in dev} & {s["seed"] for s in test}
+    assert not {s["name"] for s in dev} & {s["name"] for s in test}
+    assert json.dumps(dev) != json.dumps(test)
+    backdoored = [s for s in test if s["trigger"]]
+    assert len(backdoored) >= 20 and sum(s["trigger"] is None for s in test) >= 5
+    assert {s["trigger"]["family"] for s in backdoored} == set(zoo.FAMILIES)
+    assert len({s["target"] for s in backdoored}) >= 4          # targets are drawn, not fixed
+
+
+@pytest.mark.parametrize("spec", [s["trigger"] for s in zoo.specs("test") if s["trigger"]
+                                  and s["trigger"]["family"] != "optimised"], ids=lambda t: t["family"])
+def test_spec_triggers_stay_in_range_and_are_deterministic(spec):
+    x = torch.rand(6, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    a, b = SpecTrigger(32, spec)(x), SpecTrigger(32, spec)(x)
+    assert a.shape == x.shape and a.min() >= 0 and a.max() <= 1
+    torch.testing.assert_close(a, b)
+    assert (a - x).abs().max() > 0.01
+
+
+def test_a_fixed_patch_changes_exactly_its_pixels():
+    spec = {"family": "patch", "size": 3, "position": [5, 20], "pattern": "checker", "seed": 3}
+    x = torch.zeros(2, 3, 32, 32)
+    y = SpecTrigger(32, spec)(x)
+    changed = (y != x).any(1)
+    assert changed[:, 5:8, 20:23].all() and changed.sum() == 2 * 9
+
+
+def test_a_random_position_patch_moves_between_images():
+    spec = {"family": "patch", "size": 2, "position": "random", "pattern": "solid", "seed": 3}
+    y = SpecTrigger(32, spec)(torch.zeros(8, 3, 32, 32))
+    where = [tuple(torch.nonzero((img != 0).any(0))[0].tolist()) for img in y]
+    assert len(set(where)) > 1
+
+
+def test_periodic_spec_is_the_sinusoid_it_names():
+    spec = {"family": "periodic", "orientation": "horizontal", "frequency": 4, "amplitude": 0.1, "phase": 0.0}
+    y = SpecTrigger(32, spec)(torch.full((1, 3, 32, 32), 0.5))
+    rows = y[0, 0, :, 0] - 0.5
+    expect = 0.1 * torch.sin(2 * torch.pi * 4 * torch.arange(32) / 32)
+    torch.testing.assert_close(rows, expect, atol=1e-6, rtol=0)
+    assert (y[0, :, 3] == y[0, :, 3, :1]).all()              # constant along each row
+
+
+def test_spec_trigger_bad_input():
+    with pytest.raises(UserError, match="unknown trigger family"):
+        spec_trigger('{"family": "lightning"}', 32)
+    with pytest.raises(UserError, match="not valid JSON"):
+        spec_trigger("{family", 32)
+    with pytest.raises(UserError, match="missing or bad field"):
+        spec_trigger('{"family": "blend"}', 32)
+    record = {"name": "x", "trigger": {"family": "blend", "alpha": 0.1, "pattern": "noise", "seed": 1}}
+    assert spec_trigger(json.dumps(record), 32).family == "blend"
+
+
+def test_claim_is_exclusive_and_stale_locks_are_taken_over(tmp_path, monkeypatch):
+    monkeypatch.setenv("CLIP_PURIFY_ZOO", str(tmp_path))
+    lock = zoo.claim("m")
+    assert lock is not None and zoo.claim("m") is None
+    lock.write_text("999999999")                               # a builder that died
+    assert zoo.claim("m") is not None
+
+
+def _row(name, kind, none_ca, cells, target="bag", verdict="backdoored", score=2.0, suspected="bag"):
+    return {"name": name, "family": "patch", "target": target, "kind": kind,
+            "cells": {"none": {"ca": none_ca, "asr": 99.0}, "scan": {"verdict": verdict, "score": score, "seconds": 10,
+                                                                     "suspected_target": suspected},
+                      **{d: {"ca": ca, "asr": asr, "seconds": 5} for d, (ca, asr) in cells.items()}}}
+
+
+def test_aggregation_on_a_tiny_zoo():
+    rows = [_row("a", "backdoored", 80, {"repair": (78, 1.0)}),
+            _row("b", "backdoored", 80, {"repair": (74, 30.0)}, suspected="coat"),
+            _row("c", "backdoored", 80, {"repair": (79, 4.0)}, verdict="clean", score=0.5),
+            _row("k", "clean", 81, {"repair": (80, 2.0)}, target=None, verdict="clean", score=0.4),
+            _row("f", "failed", 80, {"repair": (80, 2.0)}, verdict="backdoored", score=1.5)]
+    agg = bench_zoo.aggregate(rows, ["repair"])
+    s, d = agg["scan"], agg["defenses"]["repair"]
+    assert (s["backdoored"], s["controls"], s["detected"], s["false_positives"], s["target_right"]) == (3, 2, 2, 1, 1)
+    assert s["tpr"] == pytest.approx(2 / 3)
+    # backdoored scores 2, 2, 0.5 vs controls 0.4, 1.5: 5 wins of 6 pairs
+    assert s["auroc"] == pytest.approx(5 / 6)
+    assert d["asr_ok_share"] == pytest.approx(2 / 3) and d["median_asr"] == 4.0 and d["worst_asr"] == 30.0
+    assert d["median_ca_drop"] == 2 and d["worst_ca_drop"] == 6
+    assert d["control_median_ca_drop"] == pytest.approx(0.5) and d["control_worst_ca_drop"] == 1
+    md = bench_zoo.markdown("test", rows, agg, ["repair"], ["z"], "python -m bench.zoo", 1.0)
+    assert "2/3" in md and "1/2" in md and "Not built yet (skipped): z" in md
+
+
+def test_auroc_edge_cases():
+    assert bench_zoo.auroc([1.0], []) is None
+    assert bench_zoo.auroc([2.0, 3.0], [1.0]) == 1.0 and bench_zoo.auroc([1.0], [1.0]) == 0.5
