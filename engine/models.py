@@ -2,6 +2,10 @@
 `pretrained` tag open_clip resolves, or a local checkpoint) and the lab architectures in
 engine/model_configs/*.json, registered with open_clip so both go through the same code."""
 import json
+import logging
+import pickle
+import re
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -58,6 +62,7 @@ class Clip:
     @torch.no_grad()
     def text_features(self, classes, templates):
         """(K, E) L2-normalised class embeddings, averaged over the templates (CLIP zero-shot)."""
+        check_lab_words(self, classes, templates)
         feats = []
         for c in classes:
             tokens = self.tokenizer([t.format(c) for t in templates]).to(self.device)
@@ -68,6 +73,38 @@ class Clip:
     @property
     def logit_scale(self):
         return self.model.logit_scale.exp().item()
+
+
+def check_lab_words(clip, classes, templates):
+    """The lab CLIP's word-level tokenizer reads any word outside its caption vocabulary as <unk>: class
+    names it does not know would all look alike and CA fall to chance without a word. Refuse them."""
+    from .tokenizer import VOCAB, LabTokenizer
+    if not isinstance(clip.tokenizer, LabTokenizer):
+        return
+    known = clip.tokenizer.index
+    unknown, unread = {}, []  # word -> where it was seen ('' when it is a whole class name)
+    for c in classes:
+        words = re.findall(r"[a-z\-]+", c.lower())  # what LabTokenizer.encode reads; the rest it drops
+        if not words:
+            unread.append(c)
+        for w in words:
+            if w not in known:
+                unknown.setdefault(w, "" if w == c else f" (in '{c}')")
+    for t in templates:
+        for w in re.findall(r"[a-z\-]+", t.replace("{}", " ").lower()):
+            if w not in known:
+                unknown.setdefault(w, f" (in template '{t}')")
+    if not unknown and not unread:
+        return
+    what = []
+    if unknown:
+        what.append("it does not know " + ", ".join(f"'{w}'{where}" for w, where in unknown.items()))
+    if unread:
+        what.append("it reads no word of " + ", ".join(f"'{c}'" for c in unread))
+    vocab = [w for w in VOCAB if not w.startswith("<")]
+    raise UserError(f"{clip.name}'s word-level tokenizer would read these names as <unk> and classify by "
+                    f"chance: {'; '.join(what)}. It knows only the lab captions' words ({', '.join(vocab)}); "
+                    f"use an open_clip model (--model ViT-B-32 ...) for other class names")
 
 
 def list_models():
@@ -87,6 +124,13 @@ def load_state_dict(path):
             sd = load_file(str(path))
         else:
             sd = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        if "weights_only" not in str(e) and "Weights only" not in str(e):
+            raise UserError(f"cannot read checkpoint {path}: corrupt or not a checkpoint "
+                            f"({str(e).strip().splitlines()[0]})") from e
+        # torch's own text (7-9 lines) ends advising weights_only=False, which would run the file's code
+        raise UserError(f"checkpoint {path} is not a plain tensor state dict (it holds pickled Python objects, "
+                        f"which are not loaded: they could run code); convert it to safetensors") from e
     except Exception as e:  # safetensors and torch raise many types for a corrupt file
         raise UserError(f"cannot read checkpoint {path}: corrupt or not a checkpoint ({type(e).__name__}: {e})") from e
     if isinstance(sd, dict) and "state_dict" in sd:
@@ -94,6 +138,23 @@ def load_state_dict(path):
     if not isinstance(sd, dict):
         raise UserError(f"checkpoint {path} holds a {type(sd).__name__}, not a state dict")
     return {k.removeprefix("module."): v for k, v in sd.items()}
+
+
+class _DropRandomInitNotice(logging.Filter):
+    def filter(self, record):
+        return "No pretrained weights loaded" not in record.getMessage()
+
+
+@contextmanager
+def _no_random_init_notice():
+    """open_clip warns 'Model initialized randomly' on the root logger whenever it loads no weights of its
+    own; where a checkpoint is loaded right after, that warning is false."""
+    root, notice = logging.getLogger(), _DropRandomInitNotice()
+    root.addFilter(notice)
+    try:
+        yield
+    finally:
+        root.removeFilter(notice)
 
 
 def load_model(name, pretrained=None, checkpoint=None, device="cpu"):
@@ -106,7 +167,11 @@ def load_model(name, pretrained=None, checkpoint=None, device="cpu"):
     if pretrained and checkpoint:
         raise UserError("give either --pretrained or --checkpoint, not both")
     try:
-        model = open_clip.create_model(name, pretrained=pretrained or None, device="cpu")
+        if checkpoint:  # open_clip loads nothing itself; the checkpoint follows
+            with _no_random_init_notice():
+                model = open_clip.create_model(name, pretrained=None, device="cpu")
+        else:
+            model = open_clip.create_model(name, pretrained=pretrained or None, device="cpu")
     except RuntimeError as e:
         raise UserError(f"cannot load pretrained weights '{pretrained}' for {name}: {e}") from e
     if checkpoint:

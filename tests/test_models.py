@@ -55,9 +55,40 @@ class Evil:
 
 
 def test_pickled_objects_are_refused(tmp_path):
+    """One line that says what to do, not torch's advice to load it with weights_only=False."""
     torch.save({"x": Evil()}, tmp_path / "evil.pt")
-    with pytest.raises(UserError, match="corrupt or not a checkpoint"):
+    with pytest.raises(UserError) as e:
         load_model("lab-vit", checkpoint=tmp_path / "evil.pt")
+    msg = str(e.value)
+    assert "is not a plain tensor state dict" in msg and "convert it to safetensors" in msg
+    assert str(tmp_path / "evil.pt") in msg and "\n" not in msg and "weights_only" not in msg
+    (tmp_path / "junk.pt").write_bytes(b"\x80\x02junk")  # a corrupt pickle still says corrupt
+    with pytest.raises(UserError, match="corrupt or not a checkpoint"):
+        load_model("lab-vit", checkpoint=tmp_path / "junk.pt")
+
+
+def test_no_random_init_warning_when_a_checkpoint_follows(tmp_path, caplog):
+    a = load_model("lab-vit")
+    save_file({k: v.contiguous() for k, v in a.model.state_dict().items()}, str(tmp_path / "m.safetensors"))
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        load_model("lab-vit", checkpoint=tmp_path / "m.safetensors")
+    assert not [r for r in caplog.records if "initialized randomly" in r.getMessage()]
+    with caplog.at_level("WARNING"):
+        load_model("lab-vit")  # really random weights: open_clip's warning stays
+    assert [r for r in caplog.records if "initialized randomly" in r.getMessage()]
+
+
+def test_lab_tokenizer_refuses_words_it_does_not_know():
+    """Unknown words become <unk>: every such class looks alike and CA falls to chance. Refused, named."""
+    clip = load_model("lab-vit")
+    with pytest.raises(UserError, match=r"does not know 'kitten', 'puppy' \(in 'puppy dog'\).*open_clip model"):
+        clip.text_features(["kitten", "bag", "puppy dog"], ["a photo of a {}."])
+    with pytest.raises(UserError, match=r"reads no word of '42'"):
+        clip.text_features(["42", "bag"], ["a photo of a {}."])
+    with pytest.raises(UserError, match=r"'snapshot' \(in template 'a snapshot of a \{\}.'\)"):
+        clip.text_features(["bag"], ["a snapshot of a {}."])
+    assert clip.text_features(["Ankle boot", "t-shirt", "ankle_boot".replace("_", " ")], ["a photo of a {}."]).shape == (3, 128)
 
 
 def test_text_features_are_normalised():
