@@ -3,6 +3,7 @@ import torch
 import torch.nn.functional as F
 
 from .data import DEFAULT_TEMPLATES
+from .errors import UserError
 from .metrics import attack_success_rate, clean_accuracy, poisoned_accuracy
 
 
@@ -36,6 +37,10 @@ def zero_shot_accuracy(clip, data, encode=None, templates=DEFAULT_TEMPLATES):
 
 def evaluate_attack(clip, data, trigger, target, encode=None, text=None, templates=DEFAULT_TEMPLATES):
     """{'ca', 'asr', 'pa'} in percent, on the clean images and on the same images with the trigger."""
+    if not (data.labels != target).any():  # before any prediction: say which class, not just "undefined"
+        raise UserError(f"ASR is undefined: all {len(data)} test images are of the target class "
+                        f"'{data.classes[target]}'; the test set needs images of other classes (a one-class "
+                        f"data set, or an image limit that keeps only the target class)")
     text = clip.text_features(data.classes, templates) if text is None else text
     clean = predict(clip, data.images, text, encode)
     trig = predict(clip, data.images, text, encode, transform=trigger)

@@ -1,4 +1,5 @@
 """CA, ASR and PA as SPEC.md defines them, in percent (0..100)."""
+from .errors import UserError
 
 
 def clean_accuracy(preds, labels):
@@ -10,7 +11,8 @@ def attack_success_rate(triggered_preds, labels, target):
     """ASR: over triggered images whose true label is not the target, the fraction predicted as target."""
     keep = labels != target
     if not keep.any():
-        raise ValueError("ASR is undefined: every image belongs to the target class")
+        raise UserError(f"ASR is undefined: all {len(labels)} test images belong to the target class, so none "
+                        f"can be sent to it; the test set needs images of other classes")
     return 100.0 * (triggered_preds[keep] == target).float().mean().item()
 
 

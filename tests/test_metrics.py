@@ -1,6 +1,7 @@
 import pytest
 import torch
 
+from engine.errors import UserError
 from engine.metrics import attack_success_rate, clean_accuracy, poisoned_accuracy
 
 
@@ -14,5 +15,6 @@ def test_metrics_on_a_hand_made_case():
 
 
 def test_asr_needs_a_non_target_image():
-    with pytest.raises(ValueError):
+    """A UserError (one-line 'error:' from the CLIs), not a ValueError traceback."""
+    with pytest.raises(UserError, match="ASR is undefined: all 2 test images belong to the target class"):
         attack_success_rate(torch.tensor([1, 1]), torch.tensor([1, 1]), 1)
