@@ -6,20 +6,56 @@ import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
+from .errors import UserError
+
+
+def _umask():
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
+
+
+def check_creatable(path, flag="output"):
+    """UserError unless `path` could be created: its nearest existing ancestor must be a folder this
+    process can create entries in (tried with an empty probe folder, removed at once: root passes
+    os.access checks on read-only file systems such as /proc). CLIs call it before any work."""
+    path = Path(path)
+    parent = path.absolute().parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise UserError(f"cannot create {flag} {path}: {parent} is a file, not a folder")
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".probe-", dir=parent))
+    except OSError as e:
+        raise UserError(f"cannot create {flag} {path}: {parent} is not a writable folder "
+                        f"({e.strerror or e})") from e
+
+
+def _cannot_write(path, e):
+    """An OSError about one of our hidden temp names, restated about the user's own path."""
+    return UserError(f"cannot write {path}: {e.strerror or e}")
+
 
 @contextmanager
 def atomic_path(path):
-    """Yield a temporary path next to `path`; rename it onto `path` only if the block succeeds."""
+    """Yield a temporary path next to `path`; rename it onto `path` only if the block succeeds. The
+    temporary file gets the permissions of any new file (0666 minus the umask), as `path` will keep."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as e:
+        raise _cannot_write(path, e) from e
     os.close(fd)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; a result file should read like any other
+    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600
     try:
         yield Path(tmp)
-        os.replace(tmp, path)
+        os.chmod(tmp, 0o666 & ~_umask())  # writers that replace the file (safetensors) reset the mode
+        try:
+            os.replace(tmp, path)
+        except OSError as e:
+            raise _cannot_write(path, e) from e
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
@@ -57,16 +93,20 @@ def atomic_dir(path):
     path = Path(path)
     if occupied(path):
         raise FileExistsError(f"output directory {path} already exists and is not empty")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700; a run directory should read like any other
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    except OSError as e:
+        raise _cannot_write(path, e) from e
+    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700; a run directory should read like any other
     try:
         yield tmp
-        if path.exists():
-            path.rmdir()
-        os.replace(tmp, path)
+        try:
+            if path.exists():
+                path.rmdir()
+            os.replace(tmp, path)
+        except OSError as e:
+            raise _cannot_write(path, e) from e
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

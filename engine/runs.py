@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import UserError
+from .io import atomic_path
 
 PROMPTS = "prompts.safetensors"
 CLASSIFIER = "classifier.safetensors"
@@ -40,9 +41,12 @@ class Tuned:
 
 
 def _save(path, tensors, meta):
+    """One safetensors file, written through engine.io: atomically, and with the umask's permissions like
+    every other result file (safetensors alone writes 0600)."""
     from safetensors.torch import save_file
-    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(path),
-              metadata={k: json.dumps(v) for k, v in meta.items()})
+    with atomic_path(path) as tmp:
+        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp),
+                  metadata={k: json.dumps(v) for k, v in meta.items()})
 
 
 def save_prompts(path, prompts, meta):
