@@ -11,6 +11,8 @@ prompts.safetensors, classifier.safetensors or model.safetensors) to --out. Noth
 --out unless the whole run succeeds.
 """
 import argparse
+import dataclasses
+import sys
 import time
 from dataclasses import dataclass
 from datetime import datetime
@@ -21,8 +23,9 @@ from . import data as D
 from . import prompted_vit, runs
 from .cli import run_cli
 from .errors import UserError
-from .evaluate import evaluate_attack
-from .io import atomic_dir, occupied, write_json
+from .evaluate import evaluate_attack, predict
+from .io import atomic_dir, check_creatable, occupied, write_json
+from .metrics import clean_accuracy
 from .models import bundled_checkpoint, is_lab, load_model
 from .purify import DEFENSES
 from .triggers import TRIGGERS, make_trigger
@@ -45,11 +48,21 @@ def pick_backend(fused, backend, device):
 
 
 def resolve_device(name):
+    """--device: auto, cpu, cuda or cuda:N -> torch.device; a UserError for anything else."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"--device {name} asked for, but CUDA is not available here")
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError) as e:  # "Invalid device string"
+        raise UserError(f"--device {name} is not a device: use cpu, cuda, cuda:N or auto") from e
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError(f"--device {name} asked for, but CUDA is not available here")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise UserError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    elif device.type != "cpu":
+        raise UserError(f"--device {name}: only cpu, cuda, cuda:N or auto are supported")
+    return device
 
 
 def resolve_target(target, classes):
@@ -87,7 +100,9 @@ def parse_args(argv=None):
     d.add_argument("--target", default="bag", help="attack target class (name or index)")
     d.add_argument("--trigger-seed", type=int, default=0)
     d.add_argument("--shots", type=int, default=16, help="clean labelled images per class")
-    d.add_argument("--eval-limit", type=int, default=None, help="evaluate on the first N test images only")
+    d.add_argument("--eval-limit", type=int, default=None,
+                   help="evaluate on N test images only (Fashion-MNIST: the first N; folder/csv data: a "
+                        "class-balanced seeded subset)")
     t = p.add_argument_group("tuning (defaults: SPEC.md for real CLIP; each defense's LAB_DEFAULTS for lab-vit)")
     t.add_argument("--epochs", type=int, default=None, help="override the defense's epochs (steps for cbpt/coop)")
     t.add_argument("--lr", type=float, default=None, help="override the defense's learning rate")
@@ -129,8 +144,11 @@ def prepare(args, log=print):
     test = D.load_dataset(args.dataset, "test", clip.image_size, args.data_dir, limit=args.eval_limit)
     if train_all.classes != test.classes:
         raise UserError(f"train and test class lists differ: {train_all.classes} vs {test.classes}")
+    if len(test.classes) < 2:
+        raise UserError(f"{args.dataset} has a single class {test.classes}: zero-shot classification and "
+                        f"ASR need at least two classes")
     target = resolve_target(args.target, test.classes)
-    train = train_all.subset(D.few_shot_indices(train_all.labels, args.shots, args.seed))
+    train = train_all.subset(D.few_shot_indices(train_all.labels, args.shots, args.seed, train_all.classes))
     trigger = make_trigger(args.attack, clip.image_size, args.trigger_seed)
     log(f"model {args.model} ({checkpoint or args.pretrained or 'random weights'}) on {device}; "
         f"backend {backend_note}")
@@ -140,13 +158,45 @@ def prepare(args, log=print):
     return Job(clip, train, test, trigger, target, text, D.DEFAULT_TEMPLATES, backend, checkpoint)
 
 
+def shots_accuracy(job, tuned=None):
+    """CA % on the few tuning images: zero-shot (tuned=None), or through what the defense tuned, rebuilt
+    the way engine.purify evaluates it (fine-tuned weights, then prompts, then a tuned classifier)."""
+    clip, text, encode = job.clip, job.text, None
+    if tuned is not None and tuned.model is not None:
+        clip = dataclasses.replace(job.clip, model=tuned.model)
+        text = clip.text_features(job.test.classes, job.templates)
+    if tuned is not None and tuned.prompts is not None:
+        encode = prompted_vit.encoder(clip.visual, tuned.prompts, "shared" if job.backend == "naive" else job.backend)
+    if tuned is not None and tuned.classifier is not None:
+        text = tuned.classifier
+    return clean_accuracy(predict(clip, job.train.images, text, encode), job.train.labels)
+
+
+# Tuning fits the few shots, so their CA should not fall far below zero-shot; when it does, the tuning
+# diverged (--lr 1e9: CA 10% on 10 classes) although the loss stayed finite.
+SHOTS_CA_DROP_WARN = 25.0  # percentage points
+
+
+def divergence_warning(before, after, args):
+    if after >= before - SHOTS_CA_DROP_WARN:
+        return None
+    lower = f"a lower --lr (now {args.lr:g})" if args.lr is not None else "a --lr below the defense's default"
+    return (f"CA on the tuning images fell from {before:.1f}% (zero-shot) to {after:.1f}% after tuning: the "
+            f"tuning likely diverged; try {lower}")
+
+
 def run(args):
     t0 = time.time()
     out_dir = args.out or f"runs/{datetime.now():%Y%m%d-%H%M%S}"
     job = prepare(args)
     clip, test, target, checkpoint = job.clip, job.test, job.target, job.checkpoint
     before = evaluate_attack(clip, test, job.trigger, target, text=job.text)
+    shots_before = shots_accuracy(job)
     tuned = DEFENSES[args.defense](args, job)
+    shots_after = shots_accuracy(job, tuned)
+    warning = divergence_warning(shots_before, shots_after, args)
+    if warning:
+        print(f"warning: {warning}", file=sys.stderr)
     results = {
         "defense": tuned.defense,
         "model": args.model, "checkpoint": str(checkpoint) if checkpoint else None, "pretrained": args.pretrained,
@@ -156,7 +206,8 @@ def run(args):
         "before": before, "after": tuned.after,
         "tuned_params": tuned.tuned_params, "total_params": prompted_vit.parameter_count(clip.model),
         "config": tuned.config, "loss_history": [round(x, 5) for x in tuned.history],
-        "test_images": len(test), **tuned.extra,
+        "test_images": len(test), "shots_ca": {"before": shots_before, "after": shots_after},
+        "warnings": [warning] if warning else [], **tuned.extra,
     }
     meta = {"model": args.model, "checkpoint": results["checkpoint"], "pretrained": args.pretrained,
             "classes": test.classes, "templates": job.templates,
@@ -173,12 +224,24 @@ def run(args):
     return results
 
 
+def check_args(args):
+    """Every flag that can be checked before any work (loading, tuning) starts."""
+    for flag in ("shots", "batch", "epochs", "eval_limit"):
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            raise UserError(f"--{flag.replace('_', '-')} must be at least 1, not {value}")
+    if args.lr is not None and not args.lr > 0:
+        raise UserError(f"--lr must be positive, not {args.lr}")
+    resolve_device(args.device)
+    if args.out:
+        if occupied(args.out):
+            raise UserError(f"--out {args.out} already exists and is not empty")
+        check_creatable(args.out, "--out")
+
+
 def main(argv=None):
     args = parse_args(argv)
-    if args.out and occupied(args.out):
-        raise UserError(f"--out {args.out} already exists and is not empty")
-    if args.shots < 1:
-        raise UserError("--shots must be at least 1")
+    check_args(args)
     return run(args)
 
 
