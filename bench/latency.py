@@ -17,6 +17,7 @@ import torch
 
 from engine import data as D
 from engine import prompted_vit
+from engine.cli import run_cli
 from engine.defenses.rvpt import default_config
 from engine.errors import UserError
 from engine.io import atomic_path, write_json
@@ -225,4 +226,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

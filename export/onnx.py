@@ -18,6 +18,7 @@ import time
 import warnings
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from engine import data as D
@@ -97,6 +98,23 @@ def metadata(source, exporter):
     return {k: v if isinstance(v, str) else json.dumps(v) for k, v in meta.items()}
 
 
+def check_finite(module, example):
+    """Refuse a model with non-finite constants (a NaN prompt, a diverged classifier) or outputs: its
+    export would pass every other check (NaN - NaN compares as no difference) and serve NaN scores."""
+    for name, t in [*module.named_buffers(), *module.named_parameters()]:
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            bad = int((~torch.isfinite(t)).sum())
+            what = (f"block {name.removeprefix('prompt_kv_')}'s prompt K/V, from the prompts"
+                    if name.startswith("prompt_kv_") else "the classifier" if name == "classifier" else f"weight {name}")
+            raise UserError(f"the model holds non-finite values ({bad} of {t.numel()} in {what}): the run's "
+                            f"prompts, classifier or weights are broken (a diverged tuning?); nothing written")
+    with torch.no_grad():
+        out = module(example)
+    for name, o in zip(OUTPUTS, out):
+        if not torch.isfinite(o).all():
+            raise UserError(f"the model's {name} on a test batch are not finite (nan/inf); nothing written")
+
+
 def _verify(module, path, size):
     """ORT vs the torch module on a batch size the exporter never saw (checks the dynamic batch too)."""
     import onnxruntime as ort
@@ -105,8 +123,12 @@ def _verify(module, path, size):
     got = sess.run(None, {INPUT: x.numpy()})
     with torch.no_grad():
         want = module(x)
+    for name, g, w in zip(OUTPUTS, got, want):
+        if not (torch.isfinite(w).all() and np.isfinite(g).all()):
+            raise UserError(f"{name} are not finite (nan/inf) in {'torch' if not torch.isfinite(w).all() else 'ONNX Runtime'} "
+                            f"on a test batch; nothing written")
     diff = max(float((torch.from_numpy(g) - w).abs().max()) for g, w in zip(got, want))
-    if diff > VERIFY_TOL:
+    if not diff <= VERIFY_TOL:  # also a NaN difference
         raise UserError(f"exported graph disagrees with torch (max abs diff {diff:.2e}); nothing written")
     return diff
 
@@ -127,6 +149,7 @@ def _export(source, out, exporter, opset, verify):
     size = source.clip.image_size
     example = torch.randn(2, 3, size, size)  # batch 2: a batch of 1 would be specialised
     module = source.module.eval()
+    check_finite(module, example)
     with torch.no_grad(), atomic_path(out) as tmp:
         used = _to_onnx(module, example, tmp, exporter, opset)
         model = onnx.load(str(tmp))
@@ -190,6 +213,8 @@ def main(argv=None):
     if out is None:
         raise UserError("--unprompted without --run needs --out")
     check_writable(out)  # before loading anything
+    if Path(out).is_file() or Path(out).is_symlink():
+        raise UserError(f"{'--out ' if args.out else ''}{out} already exists; remove it or give another --out")
     source = unprompted_source(args) if args.unprompted else \
         folded.from_run(args.run, args.model, args.checkpoint, args.pretrained)
     res = export(source, out, args.exporter, args.opset, not args.no_verify)

@@ -55,6 +55,10 @@ def main(argv=None):
     args = parse_args(argv)
     if not args.eval and not args.images:
         raise UserError("give image files to classify, or --eval")
+    if args.limit is not None and args.limit < 1:
+        raise UserError(f"--limit must be at least 1, not {args.limit}")
+    if args.top_k < 1:
+        raise UserError(f"--top-k must be at least 1, not {args.top_k}")
     model = OnnxClassifier(args.model, args.provider)
     print(f"{args.model}: {model.meta.get('kind', '?')} {model.meta.get('model', '')}, "
           f"{len(model.classes)} classes, {model.image_size} px; provider {model.reason}")

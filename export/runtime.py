@@ -60,6 +60,7 @@ class OnnxClassifier:
         path = Path(path)
         if not path.is_file():
             raise UserError(f"ONNX model {path} does not exist")
+        self.path = path
         providers, self.reason = choose_providers(provider)
         opts = ort.SessionOptions()
         if threads:
@@ -83,6 +84,10 @@ class OnnxClassifier:
         """Normalised (N, 3, S, S) float32 (torch or numpy) -> (logits, features) numpy."""
         x = x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else x
         logits, feats = self.session.run(None, {self.input: np.ascontiguousarray(x, dtype=np.float32)})
+        if not (np.isfinite(logits).all() and np.isfinite(feats).all()):
+            what = "the input images" if not np.isfinite(x).all() else f"the model {self.path}"
+            raise UserError(f"non-finite scores (nan/inf) for {int((~np.isfinite(logits)).any(1).sum())} of "
+                            f"{len(logits)} images: {what} holds non-finite values; no score is served")
         return logits, feats
 
     def logits(self, x):

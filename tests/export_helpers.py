@@ -82,3 +82,31 @@ def torch_logits(clip, prompts, text, x):
             else clip.model.encode_image(x)
         z = F.normalize(z, dim=-1)
         return clip.logit_scale * z @ text.t(), z
+
+
+def tiny_onnx(path, classes=("bag", "coat"), size=8, nan=False):
+    """A hand-built model in export.onnx's format (images -> logits, features; the metadata export.predict
+    reads), without any export: logits = flatten(images) @ W, features = logits. nan=True puts a NaN in W.
+    Returns W (the torch twin is flatten(x) @ W)."""
+    import json
+
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+    w = np.random.default_rng(0).standard_normal((3 * size * size, len(classes))).astype(np.float32) * 0.01
+    if nan:
+        w[0, 0] = np.nan
+    nodes = [helper.make_node("Flatten", ["images"], ["flat"], axis=1),
+             helper.make_node("MatMul", ["flat", "W"], ["logits"]),
+             helper.make_node("Identity", ["logits"], ["features"])]
+    out = [helper.make_tensor_value_info(n, TensorProto.FLOAT, ["batch", len(classes)]) for n in ("logits", "features")]
+    graph = helper.make_graph(nodes, "tiny", [helper.make_tensor_value_info("images", TensorProto.FLOAT,
+                                                                            ["batch", 3, size, size])],
+                              out, initializer=[numpy_helper.from_array(w, "W")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    for k, v in {"classes": list(classes), "image_size": size, "mean": [0.5] * 3, "std": [0.25] * 3,
+                 "kind": "unprompted", "attack": "badnet", "target": classes[0]}.items():
+        model.metadata_props.add(key=k, value=json.dumps(v))
+    onnx.save(model, str(path))
+    return torch.from_numpy(w)

@@ -99,6 +99,12 @@ def test_bad_input_is_an_error(runner, tmp_path):
     assert proc.returncode == 2 and proc.stderr.startswith("error:") and "whole number" in proc.stderr
     proc = subprocess.run([str(runner)], capture_output=True, text=True)
     assert proc.returncode == 2 and "usage:" in proc.stderr
+    for flag, value in (("--threads", "abc"), ("--repeat", "4x"), ("--threads", "")):
+        proc = subprocess.run([str(runner), str(path), "--raw", str(bad), flag, value], capture_output=True, text=True)
+        assert proc.returncode == 2, proc.stderr
+        assert proc.stderr.strip() == f"error: {flag} needs a whole number, got '{value}'"  # not 'error: stoi'
+    proc = subprocess.run([str(runner), str(path), "--raw", str(bad), "--threads", "-1"], capture_output=True, text=True)
+    assert proc.returncode == 2 and "--threads must be 0" in proc.stderr
 
 
 def test_cmake_skips_runner_without_onnxruntime(tmp_path):

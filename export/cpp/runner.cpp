@@ -35,6 +35,19 @@ struct Options {
 
 [[noreturn]] void fail(const std::string& msg) { throw std::runtime_error(msg); }
 
+// A whole decimal number, all of `text` (std::stoi alone says "stoi" and accepts "4abc").
+int whole_number(const std::string& text, const std::string& what) {
+  size_t used = 0;
+  int value = 0;
+  try {
+    value = std::stoi(text, &used);
+  } catch (const std::exception&) {
+    used = 0;
+  }
+  if (used == 0 || used != text.size()) fail(what + " needs a whole number, got '" + text + "'");
+  return value;
+}
+
 // --- model metadata (export.onnx writes lists as JSON) -------------------------------------------
 
 std::string metadata(const Ort::Session& session, const char* key) {
@@ -179,8 +192,8 @@ Options parse(int argc, char** argv) {
     };
     if (a == "--raw") o.raw = next();
     else if (a == "--resize") o.resize = next();
-    else if (a == "--repeat") o.repeat = std::stoi(next());
-    else if (a == "--threads") o.threads = std::stoi(next());
+    else if (a == "--repeat") o.repeat = whole_number(next(), a);
+    else if (a == "--threads") o.threads = whole_number(next(), a);
     else if (a == "-h" || a == "--help") fail("help");
     else if (!a.empty() && a[0] == '-') fail("unknown option " + a);
     else if (o.model.empty()) o.model = a;
@@ -189,6 +202,7 @@ Options parse(int argc, char** argv) {
   if (o.model.empty() || (o.raw.empty() && o.ppms.empty())) fail("help");
   if (o.resize != "bilinear" && o.resize != "nearest") fail("--resize must be bilinear or nearest");
   if (o.repeat < 1) fail("--repeat must be at least 1");
+  if (o.threads < 0) fail("--threads must be 0 (ORT's default) or more");
   return o;
 }
 
@@ -204,7 +218,7 @@ int main(int argc, char** argv) {
     Ort::Session session(env, opt.model.c_str(), so);
 
     const auto classes = json_strings(metadata(session, "classes"));
-    const int size = std::stoi(metadata(session, "image_size"));
+    const int size = whole_number(metadata(session, "image_size"), "model metadata image_size");
     const auto mean = json_numbers(metadata(session, "mean")), stdev = json_numbers(metadata(session, "std"));
     if (mean.size() != 3 || stdev.size() != 3) fail("model metadata: mean/std must have 3 values");
 
