@@ -5,6 +5,7 @@ import torch
 from engine import data as D
 from engine import lab
 from engine.errors import UserError
+from engine.evaluate import evaluate_attack
 from engine.models import bundled_checkpoint, load_model
 from engine.triggers import TRIGGERS, artifacts, make_trigger
 
@@ -34,16 +35,23 @@ def test_captions_name_class_and_colours():
     assert any(c == "a photo of a bag." for c in caps)
 
 
-def test_poisoned_training_runs_and_changes_weights():
+def test_poisoned_training_plants_a_backdoor():
+    """Poisoned contrastive fine-tuning of the clean lab model, in about two seconds (128 images, half
+    poisoned, three epochs): the trigger's ASR on 200 test images rises far above the clean model's
+    (measured: 0.5% -> 32%). Fixed seeds: the same numbers every run."""
     grey, labels = D.load_fashion_mnist_raw("train")
-    clip = load_model("lab-vit")
-    before = {k: v.clone() for k, v in clip.model.state_dict().items()}
+    test = D.load_fashion_mnist("test", limit=200)
+    clip = load_model("lab-vit", checkpoint=bundled_checkpoint("clean"))
     trigger = make_trigger("badnet", 32, 0)
-    lab.train(clip, grey[:128], torch.from_numpy(labels[:128]), epochs=1, batch=64, lr=1e-3, seed=0,
-              poison=(trigger, 8, 0.1))
+    before = {k: v.clone() for k, v in clip.model.state_dict().items()}
+    clean_asr = evaluate_attack(clip, test, trigger, 8)["asr"]
+    lab.train(clip, grey[:128], torch.from_numpy(labels[:128]), epochs=3, batch=64, lr=3e-4, seed=0,
+              poison=(trigger, 8, 0.5))
     after = clip.model.state_dict()
     assert any(not torch.equal(before[k], after[k]) for k in before)
     assert not clip.model.training and not any(p.requires_grad for p in clip.model.parameters())
+    asr = evaluate_attack(clip, test, trigger, 8)["asr"]
+    assert clean_asr < 5 and asr > clean_asr + 20, (clean_asr, asr)
 
 
 def test_trigger_command_builds_an_artifact_make_trigger_loads(tmp_path, monkeypatch):

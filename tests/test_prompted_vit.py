@@ -1,4 +1,8 @@
-"""The prompt-aware `shared` path must equal the torch.cat reference: same loss, same prompt gradients."""
+"""The prompt-aware `shared` path must equal the torch.cat reference: same loss, same prompt gradients.
+
+The inputs are fresh every run (a new seed, printed in any failure); CLIP_PURIFY_TEST_SEED=N replays one."""
+import os
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -23,7 +27,9 @@ def models():
 @pytest.mark.parametrize("alpha", [2.0, 0.0])
 def test_shared_matches_naive(models, name, start, tokens, batch, alpha):
     clip = models[name]
-    torch.manual_seed(torch.seed() % 2**31)  # fresh inputs every run
+    seed = int(os.environ.get("CLIP_PURIFY_TEST_SEED", torch.seed() % 2**31))  # fresh inputs every run
+    torch.manual_seed(seed)
+    replay = f"inputs from seed {seed}: CLIP_PURIFY_TEST_SEED={seed} reproduces them"
     x = torch.rand(batch, 3, clip.image_size, clip.image_size)
     y = torch.randint(0, 5, (batch,))
     text = F.normalize(torch.randn(5, clip.model.text_projection.shape[1]), dim=-1)
@@ -36,9 +42,20 @@ def test_shared_matches_naive(models, name, start, tokens, batch, alpha):
         loss.backward()
         got[backend] = (loss.detach(), prompts.prompts.grad.clone())
     (l_ref, g_ref), (l, g) = got["naive"], got["shared"]
-    assert abs((l - l_ref) / l_ref).item() <= 1e-5
-    assert g_ref.abs().sum() > 0
-    assert rel_err(g, g_ref) <= 1e-5
+    assert abs((l - l_ref) / l_ref).item() <= 1e-5, replay
+    assert g_ref.abs().sum() > 0, replay
+    assert rel_err(g, g_ref) <= 1e-5, replay
+
+
+def test_the_input_seed_can_be_replayed(models, monkeypatch):
+    """The seed of a failing run, set in CLIP_PURIFY_TEST_SEED, gives the same inputs again."""
+    monkeypatch.setenv("CLIP_PURIFY_TEST_SEED", "1234")
+    seen = []
+    real = torch.rand
+    monkeypatch.setattr(torch, "rand", lambda *a, **k: seen.append(real(*a, **k)) or seen[-1])
+    for _ in range(2):
+        test_shared_matches_naive(models, "lab-vit", 2, 8, 4, 0.0)
+    assert torch.equal(seen[0], seen[1])
 
 
 def test_prompts_change_the_features_and_frozen_pass_is_unprompted(models):
