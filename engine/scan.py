@@ -25,7 +25,7 @@ from . import data as D
 from .cli import run_cli
 from .errors import UserError
 from .inversion import detect as det
-from .io import atomic_dir, occupied, save_png, write_json
+from .io import atomic_dir, check_creatable, occupied, save_png, write_json
 from .models import bundled_checkpoint, is_lab, load_model
 from .tune import resolve_device
 
@@ -110,6 +110,8 @@ def resolve_checkpoint(args):
 def check_args(args):
     if args.out and occupied(args.out):
         raise UserError(f"--out {args.out} already exists and is not empty")
+    if args.out:
+        check_creatable(args.out, "--out")
     for flag in ("shots", "holdout", "steps"):
         if getattr(args, flag) < 1:
             raise UserError(f"--{flag} must be at least 1")

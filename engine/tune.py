@@ -29,6 +29,7 @@ from .metrics import clean_accuracy
 from .models import bundled_checkpoint, is_lab, load_model
 from .purify import DEFENSES
 from .triggers import TRIGGERS, make_trigger
+from .triggers.spec import spec_trigger
 
 
 def pick_backend(fused, backend, device):
@@ -99,6 +100,9 @@ def parse_args(argv=None):
                    help="trigger used to measure ASR (and, for lab-vit, the bundled backdoored checkpoint)")
     d.add_argument("--target", default="bag", help="attack target class (name or index)")
     d.add_argument("--trigger-seed", type=int, default=0)
+    d.add_argument("--trigger-spec", default=None,
+                   help="measure ASR with this trigger instead of --attack's: a JSON spec (engine/triggers/spec.py) "
+                        "or @FILE holding one, e.g. a backdoor zoo record")
     d.add_argument("--shots", type=int, default=16, help="clean labelled images per class")
     d.add_argument("--eval-limit", type=int, default=None,
                    help="evaluate on N test images only (Fashion-MNIST: the first N; folder/csv data: a "
@@ -149,7 +153,8 @@ def prepare(args, log=print):
                         f"ASR need at least two classes")
     target = resolve_target(args.target, test.classes)
     train = train_all.subset(D.few_shot_indices(train_all.labels, args.shots, args.seed, train_all.classes))
-    trigger = make_trigger(args.attack, clip.image_size, args.trigger_seed)
+    trigger = (make_trigger(args.attack, clip.image_size, args.trigger_seed) if args.trigger_spec is None
+               else spec_trigger(args.trigger_spec, clip.image_size))
     log(f"model {args.model} ({checkpoint or args.pretrained or 'random weights'}) on {device}; "
         f"backend {backend_note}")
     log(f"{args.shots}-shot {args.dataset}: {len(train)} tuning images, {len(test)} test images; "
