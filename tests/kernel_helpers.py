@@ -9,7 +9,7 @@ larger ones (a purely absolute fp32 floor is below the rounding step of a loss a
 Random inputs: every test draws them from its own generator (the `rng` fixture), seeded with a fresh seed
 per test and run, so that each run tries new inputs. The seed is printed (pytest shows it under
 "Captured stdout setup" for a failing test) and is part of every assertion message of the helpers;
-KERNEL_TEST_SEED=<seed> reruns with it."""
+CLIP_PURIFY_TEST_SEED=<seed> reruns with it."""
 import os
 import secrets
 
@@ -52,11 +52,11 @@ class Seeded:
         return torch.randint(0, high, shape, generator=self.gen)
 
     def __str__(self):
-        return f"seed {self.seed} (rerun with KERNEL_TEST_SEED={self.seed})"
+        return f"seed {self.seed} (rerun with CLIP_PURIFY_TEST_SEED={self.seed})"
 
 
 def fresh_seed():
-    env = os.environ.get("KERNEL_TEST_SEED")
+    env = os.environ.get("CLIP_PURIFY_TEST_SEED")
     return int(env) if env else secrets.randbelow(2 ** 31)
 
 
