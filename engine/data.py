@@ -43,15 +43,13 @@ class ImageSet:
     images: torch.Tensor
     labels: torch.Tensor
     classes: list
-    attributes: dict = None  # lab only: per-image colour indices, used for captions
 
     def __len__(self):
         return len(self.labels)
 
     def subset(self, idx):
         idx = torch.as_tensor(idx, dtype=torch.long)
-        attrs = None if self.attributes is None else {k: v[idx] for k, v in self.attributes.items()}
-        return ImageSet(self.images[idx], self.labels[idx], self.classes, attrs)
+        return ImageSet(self.images[idx], self.labels[idx], self.classes)
 
 
 # ---------------------------------------------------------------- Fashion-MNIST
@@ -113,10 +111,10 @@ def load_fashion_mnist(split, data_dir=None, size=LAB_SIZE, seed=None, limit=Non
     if limit is not None:
         grey, labels = grey[:limit], labels[:limit]
     seed = {"train": 1, "test": 2}[split] if seed is None else seed
-    images, attrs = render(grey, seed, LAB_SIZE)
+    images, _ = render(grey, seed, LAB_SIZE)  # the colour attributes only matter to engine.lab's captions
     if size != LAB_SIZE:
         images = resize(images, size)
-    return ImageSet(images, torch.from_numpy(labels), list(FASHION_CLASSES), attrs)
+    return ImageSet(images, torch.from_numpy(labels), list(FASHION_CLASSES))
 
 
 # ---------------------------------------------------------------- user data

@@ -107,12 +107,6 @@ def check_lab_words(clip, classes, templates):
                     f"use an open_clip model (--model ViT-B-32 ...) for other class names")
 
 
-def list_models():
-    import open_clip
-    _register_lab_configs()
-    return open_clip.list_models()
-
-
 def load_state_dict(path):
     """Tensors from a .safetensors or torch file; torch files are read with weights_only=True."""
     path = Path(path)

@@ -36,10 +36,6 @@ class VisualPrompts(nn.Module):
         self.start = start
         self.prompts = nn.Parameter(torch.randn(layers - start, tokens, width) * init_std)
 
-    @property
-    def tokens(self):
-        return self.prompts.shape[1]
-
     @classmethod
     def for_visual(cls, visual, start, tokens, init_std=0.02):
         blocks = visual.transformer.resblocks
