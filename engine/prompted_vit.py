@@ -1,4 +1,4 @@
-"""Deep visual prompts on a frozen open_clip VisionTransformer, in two implementations.
+"""Deep visual prompts on a frozen open_clip VisionTransformer, with three backends.
 
 Blocks are numbered 1..L. Blocks 1..D see no prompts; for d = D..L-1 a learnable p_d (b, width) is
 inserted after the class token, so block d+1 receives [c^d, p_d, e^d] and its prompt outputs are

@@ -32,7 +32,7 @@ class CBPTConfig:
     inv_lr: float = 0.2
     inv_batch: int = 64
     tau: float = 0.07
-    lam: float = 50.0          # L1 weight on the mask (lab sweep: 20 -> ASR 40%, 50 -> 24%, 100 -> mask collapses to 0)
+    lam: float = 50.0          # L1 weight on the mask, chosen on the BadNet lab model (too large: the mask shrinks to 0)
     mask_init: float = -3.0    # initial mask logit (sigmoid(-3) ~ 0.05)
     # class-wise prompt tuning
     ctx: int = 4               # M context vectors per class; 4 -> initialised from "a photo of a"

@@ -3,9 +3,12 @@
 //   runner MODEL.onnx [--raw BATCH.f32] [IMAGE.ppm ...] [--resize bilinear|nearest] [--repeat R] [--threads T]
 //
 // Inputs: a raw float32 file holding N preprocessed images (N, 3, H, W), and/or binary PPM (P6) files,
-// which are resized (shorter side to the model's size, centre crop, as export.predict does) and
-// normalised with the mean/std stored in the model's metadata. Prints, per image, the top-1 class and
-// the logits, then the inference time (median of --repeat runs of the whole batch).
+// which are resized (shorter side to the model's size, then a centre crop: export.predict's geometry)
+// and normalised with the mean/std stored in the model's metadata. The resampling differs from
+// export.predict's: bilinear or nearest here (--resize, torch's interpolate without antialiasing),
+// PIL's antialiased bicubic there, so only images already at the model's size (no resampling in
+// either) give the same logits; pass --raw batches for an exact comparison. Prints, per image, the
+// top-1 class and the logits, then the inference time (median of --repeat runs of the whole batch).
 #include <onnxruntime_cxx_api.h>
 
 #include <algorithm>
@@ -145,15 +148,16 @@ std::vector<float> read_ppm(const std::string& path, int& w, int& h) {
   return out;
 }
 
-// Shorter side to `size`, centre crop, then (x - mean) / std, as CHW. Sampling at pixel centres
-// (align_corners=False), like torch's interpolate without antialiasing.
+// Shorter side to `size`, centre crop, then (x - mean) / std, as CHW. The resized sides round half to
+// even (nearbyint), like Python's round() in engine.data; sampling at pixel centres (align_corners=False),
+// like torch's interpolate without antialiasing (not PIL's bicubic: see the top of this file).
 Image preprocess_ppm(const std::string& path, int size, const std::string& mode, const std::vector<float>& mean,
                      const std::vector<float>& stdev) {
   int w, h;
   const std::vector<float> hwc = read_ppm(path, w, h);
   const double s = static_cast<double>(size) / std::min(w, h);
-  const int rw = std::max(size, static_cast<int>(std::lround(w * s)));
-  const int rh = std::max(size, static_cast<int>(std::lround(h * s)));
+  const int rw = std::max(size, static_cast<int>(std::nearbyint(w * s)));
+  const int rh = std::max(size, static_cast<int>(std::nearbyint(h * s)));
   const int left = (rw - size) / 2, top = (rh - size) / 2;
   const double sx = static_cast<double>(w) / rw, sy = static_cast<double>(h) / rh;
   auto px = [&](int x, int y, int c) { return hwc[(static_cast<size_t>(y) * w + x) * 3 + c]; };
