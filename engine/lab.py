@@ -24,10 +24,11 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from . import data as D
+from . import manifest
 from .cli import run_cli
 from .errors import UserError
 from .evaluate import evaluate_attack, zero_shot_accuracy
-from .io import atomic_path, write_json
+from .io import atomic_path
 from .models import LAB_CHECKPOINTS, load_model
 from .tokenizer import ATTRIBUTE_TEMPLATES, CLASS_TEMPLATES
 from .triggers import BUILT, TRIGGERS, build_artifact, make_trigger
@@ -133,21 +134,6 @@ def measure(clip, test, attack=None, target=None, seed=0):
     return evaluate_attack(clip, test, make_trigger(attack, clip.image_size, seed), target)
 
 
-MANIFEST = LAB_CHECKPOINTS / "manifest.json"
-
-
-def manifest_entry(name):
-    return json.loads(MANIFEST.read_text())["models"].get(name) if MANIFEST.is_file() else None
-
-
-def record(name, entry):
-    """Add or replace one model's entry in checkpoints/lab/manifest.json."""
-    manifest = json.loads(MANIFEST.read_text()) if MANIFEST.is_file() else {
-        "model": MODEL, "data": "Fashion-MNIST, colour-rendered by engine.data.render", "models": {}}
-    manifest["models"][name] = entry
-    write_json(MANIFEST, manifest)
-
-
 def cmd_pretrain(args):
     t0 = time.time()
     clip = load_model(MODEL, checkpoint=args.init)
@@ -160,10 +146,10 @@ def cmd_pretrain(args):
     save_fp16(clip.model, args.out)
     if args.record:
         command, seconds = "python -m engine.lab " + " ".join(args.argv), round(time.time() - t0)
-        previous = manifest_entry("clean") if args.init else None
+        previous = manifest.entry("clean") if args.init else None
         if previous:  # a continued run: the recipe is the chain of commands
             command, seconds = previous["command"] + " && " + command, previous["seconds"] + seconds
-        record("clean", {"file": Path(args.out).name, **res, "seconds": seconds, "command": command})
+        manifest.record("clean", {"file": Path(args.out).name, **res, "seconds": seconds, "command": command})
     return res
 
 
@@ -205,9 +191,10 @@ def cmd_poison(args):
     print(f"{args.attack}: no-defense CA {res['ca']:.2f}%  ASR {res['asr']:.2f}%  (poison rate {rate})")
     save_fp16(clip.model, args.out)
     if args.record:
-        record(args.attack, {"file": Path(args.out).name, **res, "poison_rate": rate, "target": args.target,
-                             "trigger_seed": args.trigger_seed, "seed": args.seed, "seconds": round(time.time() - t0),
-                             "command": "python -m engine.lab " + " ".join(args.argv), **built})
+        manifest.record(args.attack, {
+            "file": Path(args.out).name, **res, "poison_rate": rate, "target": args.target,
+            "trigger_seed": args.trigger_seed, "seed": args.seed, "seconds": round(time.time() - t0),
+            "command": "python -m engine.lab " + " ".join(args.argv), **built})
     return res
 
 
@@ -239,6 +226,9 @@ def cmd_zoo(args):
     for spec in todo[:args.max_models]:
         lock = zoo.claim(spec["name"])
         if lock is None:
+            continue
+        if spec not in zoo.pending(args.split) and not args.list:  # another builder finished it meanwhile
+            lock.unlink(missing_ok=True)
             continue
         try:
             rec = zoo.build(spec, args.init, args.epochs, args.lr, args.rate, args.batch, args.data_dir)

@@ -1,6 +1,7 @@
 """Purify a (possibly backdoored) CLIP by prompt tuning on a few clean labelled images.
 
-    python -m engine.tune --fused                       # RVPT on the bundled BadNet lab model
+    python -m engine.tune --fused                       # the repair defense on the bundled BadNet lab model
+    python -m engine.tune --defense rvpt --fused        # RVPT (the paper's defense)
     python -m engine.tune --attack blended --alpha 0    # plain deep VPT, the ablation
     python -m engine.tune --defense cbpt --attack sig   # CBPT (trigger inversion + class-wise text prompts)
     python -m engine.tune --model ViT-B-32 --pretrained openai --dataset folder:/data/pets \
@@ -84,9 +85,10 @@ def format_table(rows):
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="python -m engine.tune", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--defense", default="rvpt", choices=sorted(DEFENSES),
-                   help="rvpt (default), cbpt, rvpt+cbpt, or a baseline: vpt (rvpt with alpha 0), coop (cbpt "
-                        "without inversion), linear-probe, cleanclip; --epochs/--lr override each one's defaults")
+    p.add_argument("--defense", default="repair", choices=sorted(DEFENSES),
+                   help="repair (default: detect the trigger, then distil visual prompts; the best on the zoo's dev "
+                        "split), rvpt, cbpt, rvpt+cbpt, or a baseline: vpt (rvpt with alpha 0), coop (cbpt without "
+                        "inversion), linear-probe, cleanclip; --epochs/--lr override each one's defaults")
     p.add_argument("--fused", action="store_true", help="fast path: Triton kernels on CUDA, shared torch path on CPU")
     p.add_argument("--backend", choices=prompted_vit.BACKENDS, default=None, help="force one prompted-ViT implementation")
     m = p.add_argument_group("model")

@@ -51,7 +51,7 @@ def draw_trigger(family, rng):
                 "frequency": round(float(rng.uniform(2, 10)), 2), "amplitude": round(float(rng.uniform(0.1, 0.25)), 3),
                 "phase": round(float(rng.uniform(0, 6.28)), 2)}
     if family == "warp":
-        return {"family": family, "grid": int(rng.integers(3, 6)), "pixels": round(float(rng.uniform(1.0, 2.0)), 2),
+        return {"family": family, "grid": int(rng.integers(3, 6)), "pixels": round(float(rng.uniform(2.5, 4.0)), 2),
                 "seed": seed}
     raise ValueError(family)
 

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from .. import prompted_vit
 from ..augment import augment
 from ..inversion import detect as det
+from ..inversion import targeted
 from . import minibatch_epochs
 
 
@@ -24,6 +25,10 @@ from . import minibatch_epochs
 class RepairConfig:
     detect: det.DetectConfig = field(default_factory=det.DetectConfig)
     always: bool = False         # repair even when the detector reads the model clean
+    refine_steps: int = 0        # tighten a mask trigger alone with a larger mask penalty before the repair
+    refine_lam_factor: float = 4.0
+    occluded_target: bool = False  # stamped triggers: distil T(x) towards f(x with the region noise-filled)
+    mixup: bool = False          # also distil clean features on mixtures of two shots (more inputs, no labels)
     start: int = 0               # D: unprompted leading blocks
     tokens: int = 16             # b: prompt tokens per block
     init_std: float = 0.02
@@ -44,8 +49,10 @@ def distill_loss(prompted, frozen):
     return (1 - F.cosine_similarity(prompted, frozen, dim=-1)).mean()
 
 
-def tune_prompts(clip, images, trigger, cfg, backend="shared", progress=True):
-    """Deep visual prompts distilled from the frozen encoder on clean and T-triggered images."""
+def tune_prompts(clip, images, trigger, cfg, backend="shared", progress=True, neutral=None):
+    """Deep visual prompts distilled from the frozen encoder on clean and T-triggered images. The
+    triggered images' target is f(neutral(x)) (default f(x)): for a stamped trigger, the same region
+    filled with noise, so the prompts need not recover what the stamp hides, only ignore what it shows."""
     torch.manual_seed(cfg.seed)
     prompts = prompted_vit.VisualPrompts.for_visual(clip.visual, cfg.start, cfg.tokens, cfg.init_std).to(clip.device)
     opt = torch.optim.SGD(prompts.parameters(), lr=cfg.lr, momentum=cfg.momentum)
@@ -56,11 +63,18 @@ def tune_prompts(clip, images, trigger, cfg, backend="shared", progress=True):
 
     def loss_of(b):
         x = augment(images[b], g) if cfg.augment else images[b]
-        both = clip.normalise(torch.cat([x, trigger(x)]))
+        n = len(x)
+        clean = x
+        if cfg.mixup:
+            lam = torch.rand(n, 1, 1, 1, generator=g).to(x)
+            clean = torch.cat([x, lam * x + (1 - lam) * x[torch.randperm(n, generator=g).to(x.device)]])
+        both = clip.normalise(torch.cat([clean, trigger(x)]))
         with torch.no_grad():
-            target = clip.model.encode_image(both[:len(x)])
+            target = clip.model.encode_image(both[:len(clean)])
+            target_t = target[:n] if neutral is None else clip.model.encode_image(clip.normalise(neutral(x)))
         z = prompted_vit.forward(clip.visual, prompts, both, backend)["feature"]
-        return cfg.w_clean * distill_loss(z[:len(x)], target) + cfg.w_trigger * distill_loss(z[len(x):], target)
+        return (cfg.w_clean * distill_loss(z[:len(clean)], target)
+                + cfg.w_trigger * distill_loss(z[len(clean):], target_t))
 
     history = minibatch_epochs(n, cfg.batch, cfg.epochs, g, loss_of, opt, sched, desc="repair prompts",
                                hint=f"lower the repair lr (now {cfg.lr})", progress=progress, device=clip.device)
@@ -72,5 +86,17 @@ def tune(clip, train, text, cfg, backend="shared", progress=True, log=None):
     found = det.detect(clip, train, text, cfg.detect, progress=progress, log=log)
     if found["verdict"] == "clean" and not cfg.always:
         return {"prompts": None, "detection": found, "history": []}
-    prompts, history = tune_prompts(clip, train.images, found["trigger"], cfg, backend, progress)
+    trigger, neutral = found["trigger"], None
+    if found["flagged_by"] != "stripes":
+        m, p = found["mask_trigger"]
+        if cfg.refine_steps:
+            m, p, found["refined_mask_size"] = targeted.refine(
+                clip, train.images, train.labels, text, found["suspected_target"], m, p, cfg.detect.mask,
+                cfg.refine_lam_factor, cfg.refine_steps, progress)
+        m, p = m.to(clip.device), p.to(clip.device)
+        trigger = lambda x: targeted.stamp(x, m, p)  # noqa: E731
+        if cfg.occluded_target:
+            g = torch.Generator(device=clip.device).manual_seed(cfg.seed + 1)
+            neutral = lambda x: targeted.stamp(x, m, torch.rand(x.shape, generator=g, device=x.device))  # noqa: E731
+    prompts, history = tune_prompts(clip, train.images, trigger, cfg, backend, progress, neutral)
     return {"prompts": prompts, "detection": found, "history": history}

@@ -4,7 +4,9 @@ every class, each followed by an outlier test over the classes:
 - mask (engine.inversion.targeted): the smallest stamped mask + pattern sending the other classes'
   shots to k; a backdoor target needs a far smaller mask (MAD anomaly index of the log mask sizes);
 - stripes (engine.inversion.stripes): one faint 1-D pattern per orientation and class; a backdoor keyed
-  to a global periodic signal makes its target far easier to reach (share of probe images sent there).
+  to a global periodic signal makes its target far easier to reach (share of probe images sent there);
+- warps (engine.inversion.targeted.WarpFamily): one smooth warp of bounded shift per class (WaNet-like
+  triggers), the same share statistic.
 
 Used by engine.scan (probe = held-out clean images) and the repair defense (probe = the shots). The
 thresholds are chosen on the zoo's dev split (bench/zoo.py --split dev); see DetectConfig."""
@@ -26,9 +28,12 @@ class DetectConfig:
     mask: targeted.TargetedConfig = field(default_factory=targeted.TargetedConfig)
     stripes: stripe_inversion.StripeConfig = field(default_factory=stripe_inversion.StripeConfig)
     use_stripes: bool = True
+    use_warps: bool = True
     min_mask_anomaly: float = 3.5       # MAD units below the other classes' log mask sizes
     min_stripe_share: float = 0.55
     min_stripe_anomaly: float = 3.0
+    min_warp_share: float = 0.55
+    min_warp_anomaly: float = 3.0
 
     def as_dict(self):
         return asdict(self)
@@ -81,14 +86,32 @@ def stripe_evidence(clip, few, text, cfg, probe, clean_pred, progress=False):
             "seconds": round(time.time() - t0, 2)}, patterns[o][k]
 
 
-def decide(mask_ev, stripe_ev, cfg):
-    """(verdict, {check: passed}, the family that flagged: 'mask', 'stripes' or None)."""
+def warp_evidence(clip, few, text, cfg, probe, clean_pred, progress=False):
+    """Per class, one smooth warp of bounded shift towards it (targeted.WarpFamily); the class whose warp
+    sends the largest share of the probe images there, and that share's anomaly index."""
+    t0 = time.time()
+    (grids, _), _, _ = targeted.invert(clip, few.images, few.labels, text, cfg, progress=progress, family="warp")
+    shares = [flip_shares(probe.labels, clean_pred,
+                          predict(clip, probe.images, text, transform=lambda x: targeted.warp(x, grids[k])),
+                          len(few.classes))[k] for k in range(len(few.classes))]
+    k = max(range(len(shares)), key=shares.__getitem__)
+    return {"target": few.classes[k], "target_index": k, "target_share": shares[k],
+            "anomaly_index": anomaly_index(shares, k), "shares": dict(zip(few.classes, shares)),
+            "seconds": round(time.time() - t0, 2)}, grids[k]
+
+
+def decide(mask_ev, stripe_ev, cfg, warp_ev=None):
+    """(verdict, {check: passed}, the family that flagged: 'mask', 'stripes', 'warp' or None)."""
     checks = {"mask_anomaly": mask_ev["anomaly_index"] >= cfg.min_mask_anomaly}
     if stripe_ev is not None:
         checks["stripe_share"] = stripe_ev["target_share"] >= cfg.min_stripe_share
         checks["stripe_anomaly"] = stripe_ev["anomaly_index"] >= cfg.min_stripe_anomaly
+    if warp_ev is not None:
+        checks["warp_share"] = warp_ev["target_share"] >= cfg.min_warp_share
+        checks["warp_anomaly"] = warp_ev["anomaly_index"] >= cfg.min_warp_anomaly
     family = "mask" if checks["mask_anomaly"] else \
-        "stripes" if stripe_ev is not None and checks["stripe_share"] and checks["stripe_anomaly"] else None
+        "stripes" if stripe_ev is not None and checks["stripe_share"] and checks["stripe_anomaly"] else \
+        "warp" if warp_ev is not None and checks["warp_share"] and checks["warp_anomaly"] else None
     return ("backdoored" if family else "clean"), checks, family
 
 
@@ -108,12 +131,22 @@ def detect(clip, few, text, cfg, probe=None, progress=False, log=None):
         if log:
             log(f"stripe inversion: {stripe_ev['orientation']} -> {stripe_ev['target']} share "
                 f"{stripe_ev['target_share']:.2f}, anomaly {stripe_ev['anomaly_index']:.1f}, {stripe_ev['seconds']:.0f} s")
-    verdict, checks, family = decide(mask_ev, stripe_ev, cfg)
+    warp_ev, grid = None, None
+    if cfg.use_warps:
+        warp_ev, grid = warp_evidence(clip, few, text, cfg.mask, probe, clean_pred, progress)
+        if log:
+            log(f"warp inversion: {warp_ev['target']} share {warp_ev['target_share']:.2f}, anomaly "
+                f"{warp_ev['anomaly_index']:.1f}, {warp_ev['seconds']:.0f} s")
+    verdict, checks, family = decide(mask_ev, stripe_ev, cfg, warp_ev)
     if family == "stripes":
         target, trigger, image = stripe_ev["target_index"], lambda x: stripe_inversion.add_pattern(x, pattern.to(x)), \
             (0.5 + pattern).expand(3, few.images.shape[-2], few.images.shape[-1])
+    elif family == "warp":
+        checker = ((torch.arange(few.images.shape[-1])[:, None] // 4 + torch.arange(few.images.shape[-1]) // 4) % 2)
+        target, trigger = warp_ev["target_index"], lambda x: targeted.warp(x, grid)
+        image = targeted.warp(checker.float().expand(1, 3, -1, -1), grid)[0]   # the warp drawn on a checkerboard
     else:
         target, trigger, image = mask_ev["target_index"], lambda x: targeted.stamp(x, m.to(x), p.to(x)), m * p
     return {"verdict": verdict, "suspected_target": target, "flagged_by": family, "checks": checks,
-            "mask": mask_ev, "stripes": stripe_ev, "trigger": trigger, "trigger_image": image.cpu(),
+            "mask": mask_ev, "stripes": stripe_ev, "warp": warp_ev, "trigger": trigger, "trigger_image": image.cpu(),
             "mask_trigger": (m.cpu(), p.cpu()), "stripe_pattern": None if pattern is None else pattern.cpu()}

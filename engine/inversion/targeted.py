@@ -28,6 +28,9 @@ class TargetedConfig:
     mask_init: float = -3.0    # logit: m = sigmoid(-3) = 0.047 everywhere
     lr_additive: float = 0.01  # Adam on the additive perturbation
     lam_additive: float = 1.0  # weight of ||d||_2 against the CE towards k
+    warp_grid: int = 4         # warp family: control points per side
+    warp_pixels: float = 3.0   # warp family: largest shift, px
+    lr_warp: float = 0.1
     seed: int = 0
 
     def as_dict(self):
@@ -43,9 +46,14 @@ class MaskFamily:
     """x' = (1 - m) x + m P, m = sigmoid (K, 1, 1, S, S), P = sigmoid (K, 1, 3, S, S); size = sum(m)."""
     name = "mask"
 
-    def __init__(self, K, s, cfg, g, dev):
-        self.mask_logit = torch.full((K, 1, 1, s, s), cfg.mask_init, device=dev).requires_grad_(True)
-        self.pattern_logit = (torch.randn(K, 1, 3, s, s, generator=g) * 0.1).to(dev).requires_grad_(True)
+    def __init__(self, K, s, cfg, g, dev, init=None):
+        if init is None:
+            self.mask_logit = torch.full((K, 1, 1, s, s), cfg.mask_init, device=dev)
+            self.pattern_logit = (torch.randn(K, 1, 3, s, s, generator=g) * 0.1).to(dev)
+        else:  # continue from (masks (K, 1, S, S), patterns (K, 3, S, S))
+            self.mask_logit, self.pattern_logit = (torch.logit(t.clamp(1e-4, 1 - 1e-4)).unsqueeze(1).to(dev) for t in init)
+        self.mask_logit.requires_grad_(True)
+        self.pattern_logit.requires_grad_(True)
         self.params = [self.mask_logit, self.pattern_logit]
 
     def apply(self, x):
@@ -62,7 +70,7 @@ class AdditiveFamily:
     """x' = clip(x + d), d (K, 1, 3, S, S) unconstrained; size = the L2 norm of d (per image pixel RMS x S)."""
     name = "additive"
 
-    def __init__(self, K, s, cfg, g, dev):
+    def __init__(self, K, s, cfg, g, dev, init=None):
         self.delta = (torch.randn(K, 1, 3, s, s, generator=g) * 1e-3).to(dev).requires_grad_(True)
         self.params = [self.delta]
 
@@ -76,13 +84,52 @@ class AdditiveFamily:
         return self.delta.detach()[:, 0], None
 
 
-FAMILIES = {"mask": MaskFamily, "additive": AdditiveFamily}
+class WarpFamily:
+    """x' = x resampled along identity + d, d a smooth field (K, 2, g, g) upsampled bicubically, each
+    shift at most `warp_pixels` px (tanh). No size penalty: every class gets the same budget, and the
+    outlier test is on how many images each class's warp flips (engine.inversion.detect)."""
+    name = "warp"
+
+    def __init__(self, K, s, cfg, g, dev, init=None):
+        self.s, self.bound = s, 2 * cfg.warp_pixels / s   # grid units: [-1, 1] spans the image
+        self.z = (torch.randn(K, 2, cfg.warp_grid, cfg.warp_grid, generator=g) * 0.1).to(dev).requires_grad_(True)
+        self.params = [self.z]
+
+    def grids(self):
+        field = F.interpolate(self.bound * torch.tanh(self.z), size=(self.s, self.s), mode="bicubic",
+                              align_corners=True).permute(0, 2, 3, 1)
+        ramp = torch.linspace(-1, 1, self.s, device=field.device)
+        yy, xx = torch.meshgrid(ramp, ramp, indexing="ij")
+        return (torch.stack([xx, yy], dim=-1)[None] + field).clamp(-1, 1)      # (K, S, S, 2)
+
+    def apply(self, x):
+        K, B = x.shape[:2]
+        grid = self.grids()[:, None].expand(K, B, -1, -1, -1).flatten(0, 1)
+        return F.grid_sample(x.flatten(0, 1), grid, mode="bilinear", padding_mode="border",
+                             align_corners=True).view_as(x)
+
+    def size(self):
+        return self.z.new_zeros(len(self.z))
+
+    def result(self):
+        return self.grids().detach(), None
 
 
-def invert(clip, images, labels, text, cfg, classes=None, progress=False, encode=None, family="mask"):
+def warp(images, grid):
+    """Resample [0, 1] images (N, 3, S, S) along one grid (S, S, 2) from WarpFamily."""
+    g = grid.to(images)[None].expand(len(images), -1, -1, -1)
+    return F.grid_sample(images, g, mode="bilinear", padding_mode="border", align_corners=True)
+
+
+FAMILIES = {"mask": MaskFamily, "additive": AdditiveFamily, "warp": WarpFamily}
+
+
+def invert(clip, images, labels, text, cfg, classes=None, progress=False, encode=None, family="mask", init=None,
+           lam=None, steps=None):
     """Per candidate class k (default every class), the family's trigger towards k: (its tensors, per-class
     sizes, the per-step mean losses). mask: (masks (K, 1, S, S), patterns (K, 3, S, S)); additive:
-    (deltas (K, 3, S, S), None). Each class's trigger is optimised on the shots not labelled k."""
+    (deltas (K, 3, S, S), None). Each class's trigger is optimised on the shots not labelled k. `init`,
+    `lam`, `steps` continue from given triggers with another penalty weight / step count (refine)."""
     n_classes = text.shape[0]
     classes = list(range(n_classes)) if classes is None else list(classes)
     dev = clip.device
@@ -92,12 +139,12 @@ def invert(clip, images, labels, text, cfg, classes=None, progress=False, encode
         raise UserError("trigger inversion needs shots of at least two classes")
     g = torch.Generator().manual_seed(cfg.seed)
     s, K, B = images.shape[-1], len(classes), cfg.batch
-    fam = FAMILIES[family](K, s, cfg, g, dev)
-    lam = cfg.lam if family == "mask" else cfg.lam_additive
-    opt = torch.optim.Adam(fam.params, lr=cfg.lr if family == "mask" else cfg.lr_additive)
+    fam = FAMILIES[family](K, s, cfg, g, dev, init)
+    lam = lam if lam is not None else {"mask": cfg.lam, "additive": cfg.lam_additive, "warp": 0.0}[family]
+    opt = torch.optim.Adam(fam.params, lr={"mask": cfg.lr, "additive": cfg.lr_additive, "warp": cfg.lr_warp}[family])
     target = torch.tensor(classes, device=dev).repeat_interleave(B)
     history = []
-    bar = tqdm(range(cfg.steps), desc=f"{family} inversion", file=sys.stderr, disable=not progress, mininterval=2)
+    bar = tqdm(range(steps or cfg.steps), desc=f"{family} inversion", file=sys.stderr, disable=not progress, mininterval=2)
     for step in bar:
         idx = torch.stack([p[torch.randint(len(p), (B,), generator=g).to(dev)] for p in pools])  # (K, B)
         x = fam.apply(images[idx]).flatten(0, 1)
@@ -129,3 +176,11 @@ def log_outlier(sizes):
     logs = [math.log(max(v, 1e-6)) for v in sizes]
     k = min(range(len(logs)), key=logs.__getitem__)
     return k, anomaly_low(logs, k)
+
+
+def refine(clip, images, labels, text, k, mask, pattern, cfg, lam_factor=4.0, steps=100, progress=False):
+    """Tighten class k's inverted trigger: continue its optimisation alone with a `lam_factor` times larger
+    mask penalty, so the repair trains against a trigger closer to the true one's size."""
+    (m, p), sizes, _ = invert(clip, images, labels, text, cfg, classes=[k], init=(mask[None], pattern[None]),
+                              lam=cfg.lam * lam_factor, steps=steps, progress=progress)
+    return m[0], p[0], sizes[0]
