@@ -1,5 +1,4 @@
 """Helpers shared by the benchmark scripts: timing, machine description, result files."""
-import json
 import os
 import platform
 import sys
@@ -58,7 +57,5 @@ def command(module, argv):
 
 def bundled_attacks():
     """Backdoored lab models that ship in checkpoints/lab (the manifest also lists unbundled ones)."""
-    from engine.models import LAB_CHECKPOINTS
-    manifest = json.loads((LAB_CHECKPOINTS / "manifest.json").read_text())
-    return [name for name, entry in manifest["models"].items()
-            if name != "clean" and (LAB_CHECKPOINTS / entry["file"]).is_file()]
+    from engine import manifest
+    return [name for name, entry in manifest.models().items() if name != "clean" and manifest.bundled(entry)]

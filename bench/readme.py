@@ -2,25 +2,23 @@
 numbers are always the scripts' output:  <!-- bench:NAME --> ... <!-- /bench:NAME -->
 
     python -m bench.readme"""
-import json
 import re
 from pathlib import Path
 
+from engine import manifest
 from engine.io import atomic_path
-from engine.models import LAB_CHECKPOINTS
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def lab_models_table():
     """The bundled lab models and their measured no-defense numbers, from checkpoints/lab/manifest.json."""
-    m = json.loads((LAB_CHECKPOINTS / "manifest.json").read_text())
     lines = ["| model | bundled | poisoned pairs | no-defense CA % | no-defense ASR % | build s |",
              "|---|---|---|---|---|---|"]
-    for name, r in m["models"].items():
+    for name, r in manifest.models().items():
         rate = f"{100 * r['poison_rate']:.1f}%" if "poison_rate" in r else "-"
         asr = f"{r['asr']:.2f}" if "asr" in r else "-"
-        bundled = "yes" if (LAB_CHECKPOINTS / r["file"]).is_file() else "no (" + r.get("note", "rebuild: see command") + ")"
+        bundled = "yes" if manifest.bundled(r) else "no (" + r.get("note", "rebuild: see command") + ")"
         lines.append(f"| {name} | {bundled} | {rate} | {r['ca']:.2f} | {asr} | {r['seconds']} |")
     return "\n".join(lines) + "\n"
 

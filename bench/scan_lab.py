@@ -6,11 +6,10 @@
 Writes bench/results/scan_lab.json and .md: per model the truth (manifest), the verdict, the suspected
 target, the evidence numbers and seconds, then the false positive / false negative counts."""
 import argparse
-import json
 import tempfile
 from pathlib import Path
 
-from engine import scan
+from engine import manifest, scan
 from engine.io import atomic_path, write_json
 from engine.models import LAB_CHECKPOINTS
 
@@ -24,7 +23,7 @@ def bundled_models():
 
 def truth(name):
     """('clean' | 'backdoored', target class or None, no-defense ASR % or None) from the manifest."""
-    entry = json.loads((LAB_CHECKPOINTS / "manifest.json").read_text())["models"].get(name, {})
+    entry = manifest.entry(name) or {}
     if name == "clean":
         return "clean", None, None
     return "backdoored", entry.get("target"), entry.get("asr")

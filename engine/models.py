@@ -1,7 +1,6 @@
 """One factory for every CLIP the engine touches: open_clip architectures (random weights, a
 `pretrained` tag open_clip resolves, or a local checkpoint) and the lab architectures in
 engine/model_configs/*.json, registered with open_clip so both go through the same code."""
-import json
 import logging
 import pickle
 import re
@@ -197,8 +196,8 @@ def bundled_checkpoint(attack):
     path = LAB_CHECKPOINTS / f"{attack}.safetensors"
     if not path.is_file():
         have = sorted(p.stem for p in LAB_CHECKPOINTS.glob("*.safetensors"))
-        manifest = LAB_CHECKPOINTS / "manifest.json"
-        entry = json.loads(manifest.read_text())["models"].get(attack) if manifest.is_file() else None
+        from . import manifest  # engine.manifest imports this module: import it here, not at the top
+        entry = manifest.entry(attack)
         # the manifest keeps the recipe of models left out of the bundle (size budget, weak backdoor)
         how = f"build it with: {entry['command']}" if entry else "build one with python -m engine.lab"
         why = f" ({entry['note']})" if entry and entry.get("note") else ""
