@@ -273,3 +273,31 @@ def test_full_scan_of_bundled_lab_model(tmp_path, lab, verdict):
     assert rep["verdict"] == verdict
     if verdict == "backdoored":
         assert rep["suspected_target"] == "bag"
+
+
+# ---------------------------------------------------------------- the warp family
+
+def test_warp_family_is_identity_at_zero_and_its_shift_is_bounded():
+    cfg = targeted.TargetedConfig(warp_pixels=2.0)
+    fam = targeted.WarpFamily(3, 32, cfg, torch.Generator().manual_seed(0), "cpu")
+    x = torch.rand(3, 2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        fam.z.zero_()
+        torch.testing.assert_close(fam.apply(x), x, atol=1e-5, rtol=0)
+        fam.z.fill_(100.0)                                   # saturated: the largest shift everywhere
+        grids = fam.grids()
+    ramp = torch.linspace(-1, 1, 32)
+    yy, xx = torch.meshgrid(ramp, ramp, indexing="ij")
+    shift_px = (grids - torch.stack([xx, yy], -1)).abs() * 32 / 2
+    assert shift_px.max() <= 2.0 + 1e-4 and shift_px[:, 8:24, 8:24].min() > 1.9   # inside: not clamped
+    moved = targeted.warp(x[0], grids[0])
+    assert moved.shape == x[0].shape and (moved - x[0]).abs().mean() > 0.05
+
+
+def test_warp_checks_join_the_verdict():
+    cfg = det.DetectConfig()
+    mask, stripes_ev = {"anomaly_index": 1.0}, {"target_share": 0.3, "anomaly_index": 1.0}
+    assert det.decide(mask, stripes_ev, cfg, {"target_share": 0.9, "anomaly_index": 6.0})[::2] == ("backdoored", "warp")
+    assert det.decide(mask, stripes_ev, cfg, {"target_share": 0.9, "anomaly_index": 1.0})[::2] == ("clean", None)
+    assert set(det.decide(mask, stripes_ev, cfg, {"target_share": 0.1, "anomaly_index": 0})[1]) >= {"warp_share",
+                                                                                                  "warp_anomaly"}
