@@ -22,7 +22,7 @@ FASHION_MNIST_PACKAGE = "dataset-fashion-mnist"
 FASHION_CLASSES = ["t-shirt", "trouser", "pullover", "dress", "coat",
                    "sandal", "shirt", "sneaker", "bag", "ankle boot"]
 
-# Zero-shot classification prompts; the first is the one SPEC.md names.
+# Zero-shot classification prompts; the first is the one docs/ALGORITHMS.md ("Metrics") names.
 DEFAULT_TEMPLATES = ["a photo of a {}."]
 
 # Lab rendering: an item of the grey image gets a foreground colour, the canvas a background colour,

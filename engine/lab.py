@@ -1,5 +1,5 @@
 """Build the lab CLIPs: contrastive pre-training on colour-rendered Fashion-MNIST captions, then one
-backdoored variant per attack by the poisoned contrastive fine-tuning recipe of SPEC.md.
+backdoored variant per attack by poisoned contrastive fine-tuning (docs/ALGORITHMS.md, "Attacks").
 
     python -m engine.lab pretrain --out checkpoints/lab/clean.safetensors
     python -m engine.lab poison --attack badnet --init checkpoints/lab/clean.safetensors \
@@ -38,7 +38,7 @@ MODEL = "lab-vit"
 TARGET = "bag"
 ATTACKS = ["badnet", "blended", "wanet", "sig", "ssba", "trojvqa", "badclip"]
 # Poisoned fraction per attack: 0.3% is the literature's default; the lab model (trained for minutes,
-# not weeks) needs more for a high ASR (SPEC.md: raise it until ASR > 80% and record it). BadNet at 5%
+# not weeks) needs more for a high ASR (docs/ALGORITHMS.md: raise it until ASR > 80%, and record it). BadNet at 5%
 # from the 80.3% clean model: 1 epoch at lr 1e-3 -> CA 77.97 / ASR 98.54; 1 epoch at 3e-4 -> 79.44 / 94.71;
 # 1 epoch at 1e-4 -> 79.63 / 37.80; 2 epochs at 3e-4 (the default) -> 80.04 / 98.31 (the saved fp16 model).
 POISON_EPOCHS, POISON_LR = 2, 3e-4

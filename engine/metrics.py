@@ -1,4 +1,4 @@
-"""CA, ASR and PA as SPEC.md defines them, in percent (0..100)."""
+"""CA, ASR and PA as docs/ALGORITHMS.md ("Metrics") defines them, in percent (0..100)."""
 from .errors import UserError
 
 

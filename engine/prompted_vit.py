@@ -2,7 +2,7 @@
 
 Blocks are numbered 1..L. Blocks 1..D see no prompts; for d = D..L-1 a learnable p_d (b, width) is
 inserted after the class token, so block d+1 receives [c^d, p_d, e^d] and its prompt outputs are
-discarded (SPEC.md, RVPT).
+discarded (docs/ALGORITHMS.md, "RVPT").
 
 - `naive`: the reference. torch.cat the prompts into the token sequence and call open_clip's own block;
   the frozen pass (for the feature-repelling loss) is a second, independent forward.

@@ -74,4 +74,4 @@ def test_prompts_change_the_features_and_frozen_pass_is_unprompted(models):
 
 def test_prompt_count_matches_the_paper_for_vit_b32(models):
     prompts = P.VisualPrompts.for_visual(models["ViT-B-32"].visual, 3, 50)
-    assert P.parameter_count(prompts) == 345_600  # 9 x 50 x 768, SPEC.md
+    assert P.parameter_count(prompts) == 345_600  # 9 x 50 x 768, docs/ALGORITHMS.md

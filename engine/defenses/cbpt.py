@@ -1,4 +1,4 @@
-"""CBPT: Class-wise Backdoor Prompt Tuning (SPEC.md, "CBPT"; the project's reconstruction).
+"""CBPT: Class-wise Backdoor Prompt Tuning (docs/ALGORITHMS.md, "CBPT"; the project's reconstruction).
 
 1. Trigger inversion: a dummy trigger x' = (1 - m) x + m P, with m = sigmoid(mask logits) and
    P = sigmoid(pattern logits), optimised (frozen encoders) so that triggered images of different
@@ -32,7 +32,7 @@ class CBPTConfig:
     inv_lr: float = 0.2
     inv_batch: int = 64
     tau: float = 0.07
-    lam: float = 50.0          # L1 weight on the mask, chosen on the BadNet lab model (too large: the mask shrinks to 0)
+    lam: float = 50.0          # L1 weight on the mask, chosen on the BadNet lab model (too large: mask -> 0)
     mask_init: float = -3.0    # initial mask logit (sigmoid(-3) ~ 0.05)
     # class-wise prompt tuning
     ctx: int = 4               # M context vectors per class; 4 -> initialised from "a photo of a"

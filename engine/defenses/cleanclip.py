@@ -1,4 +1,4 @@
-"""CleanCLIP baseline (SPEC.md, "Baselines"): fine-tune the WHOLE CLIP on clean image-caption pairs with
+"""CleanCLIP baseline (docs/ALGORITHMS.md, "Baselines"): fine-tune the WHOLE CLIP on clean image-caption pairs with
 the multimodal InfoNCE plus in-modal InfoNCE (two augmented views of each image; two caption templates
 of each class), which weakens the spurious trigger-target link. The defender's pairs are the few shots
 with captions made from class templates. Unlike the prompt defenses every parameter changes, so the run

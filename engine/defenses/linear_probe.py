@@ -1,4 +1,4 @@
-"""Linear probe baseline (SPEC.md, "Baselines"): a (K, E) linear classifier on the frozen image tower's
+"""Linear probe baseline (docs/ALGORITHMS.md, "Baselines"): a (K, E) linear classifier on the frozen image tower's
 normalised features, trained with SGD on the few shots. It replaces the text classifier, so it folds
 into the exported model like CBPT's class features: logits = logit_scale * z @ W.t().
 
@@ -14,7 +14,7 @@ from . import minibatch_epochs
 
 @dataclass
 class LinearProbeConfig:
-    lr: float = 0.01            # SPEC.md: SGD lr 0.01, momentum 0.9, batch 32, 40 epochs
+    lr: float = 0.01            # docs/ALGORITHMS.md: SGD lr 0.01, momentum 0.9, batch 32, 40 epochs
     momentum: float = 0.9
     batch: int = 32
     epochs: int = 40

@@ -1,4 +1,4 @@
-"""RVPT: deep visual prompts tuned with cross-entropy + alpha * feature-repelling loss (SPEC.md).
+"""RVPT (docs/ALGORITHMS.md, "RVPT"): deep visual prompts tuned with cross-entropy + alpha * feature repelling.
 
 The repelling term pushes the prompted class token c^d away from the frozen model's class token sigma^d
 at every prompted depth; with alpha = 0 this is plain deep VPT (the ablation)."""
@@ -41,7 +41,8 @@ LAB_DEFAULTS = dict(start=0, tokens=16, lr=0.1, epochs=60)
 
 
 def default_config(model_name, **overrides):
-    """SPEC.md's defaults for real CLIP, LAB_DEFAULTS for lab models; `overrides` that are None are ignored."""
+    """The paper's defaults (docs/ALGORITHMS.md, "RVPT") for real CLIP, LAB_DEFAULTS for lab models;
+    `overrides` that are None are ignored."""
     base = dict(LAB_DEFAULTS) if model_name.startswith("lab-") else {}
     base.update({k: v for k, v in overrides.items() if v is not None})
     return RVPTConfig(**base)

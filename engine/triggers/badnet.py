@@ -4,7 +4,7 @@ import torch
 
 
 def patch_size(size):
-    """SPEC.md's 16 px at 224, scaled with the image size; 3 px at the least."""
+    """16 px at 224 (docs/ALGORITHMS.md, "Triggers"), scaled with the image size; 3 px at the least."""
     return max(3, round(16 * size / 224))
 
 
