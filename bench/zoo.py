@@ -14,6 +14,7 @@ import argparse
 import json
 import statistics
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from engine import tune, zoo
@@ -21,7 +22,7 @@ from engine.evaluate import evaluate_attack
 from engine.io import atomic_path, write_json
 from engine.models import LAB_CHECKPOINTS
 from engine.purify import DEFENSES
-from engine.scan import scan, split_shots
+from engine.scan import scan
 
 from .common import command, machine
 
@@ -92,19 +93,12 @@ def run_model(model, defenses, cache, shots, eval_limit, seed, quick, log):
         if cell == "none":
             res = evaluate_attack(job.clip, job.test, job.trigger, job.target, text=job.text)
         elif cell == "scan":
-            from engine import data as D
-            train_all = D.load_dataset("fashion-mnist", "train", job.clip.image_size)
-            few, held = split_shots(train_all, shots, 300 if quick else 1000, seed)
-            cfg = None
-            if quick:
-                from dataclasses import replace
-
-                from engine.inversion.detect import DetectConfig
-                base = DetectConfig()
-                cfg = replace(base, mask=replace(base.mask, steps=5), stripes=replace(base.stripes, steps=5))
-            r = scan(job.clip, few, held, job.text, cfg, log=lambda *a: None)
+            # engine.scan's default: the detector on the tuning shots (the same the defenses get); the repair
+            # cell reuses this detection instead of running it again
+            r = scan(job.clip, job.train, None, job.text, detect_config(quick), log=lambda *a: None)
+            job.detection = {**r, "suspected_target": job.test.classes.index(r["suspected_target"])}
             res = {"verdict": r["verdict"], "suspected_target": r["suspected_target"], "flagged_by": r["flagged_by"],
-                   "score": score(r), "mask": r["mask"], "stripes": r["stripes"]}
+                   "score": score(r), "mask": r["mask"], "stripes": r["stripes"], "warp": r["warp"]}
         else:
             args.defense, args.epochs = cell, QUICK_EPOCHS[cell] if quick else None
             tuned = DEFENSES[cell](args, job)
@@ -117,14 +111,24 @@ def run_model(model, defenses, cache, shots, eval_limit, seed, quick, log):
     return cells
 
 
+def detect_config(quick):
+    from engine.inversion.detect import DetectConfig
+    base = DetectConfig()
+    if not quick:
+        return base
+    return replace(base, mask=replace(base.mask, steps=5), stripes=replace(base.stripes, steps=5))
+
+
 def score(result):
     """One number per scan for the AUROC: how far past its thresholds the stronger family is (>= 1 flags)."""
     from engine.inversion.detect import DetectConfig
     cfg = DetectConfig()
     s = result["mask"]["anomaly_index"] / cfg.min_mask_anomaly
-    st = result["stripes"]
+    st, wp = result["stripes"], result.get("warp")
     if st:
         s = max(s, min(st["target_share"] / cfg.min_stripe_share, st["anomaly_index"] / cfg.min_stripe_anomaly))
+    if wp:
+        s = max(s, min(wp["target_share"] / cfg.min_warp_share, wp["anomaly_index"] / cfg.min_warp_anomaly))
     return s
 
 

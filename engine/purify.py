@@ -126,12 +126,12 @@ def tune_repair(args, job):
                   augment=args.augment)
     t0 = time.time()
     res = repair.tune(job.clip, job.train, job.text, cfg, job.backend, progress=not args.quiet,
-                      log=None if args.quiet else print)
+                      log=None if args.quiet else print, detection=job.detection)
     seconds = time.time() - t0
     found = res["detection"]
     extra = {"detection": {"verdict": found["verdict"], "flagged_by": found["flagged_by"],
                            "suspected_target": job.test.classes[found["suspected_target"]], "checks": found["checks"],
-                           "mask": found["mask"], "stripes": found["stripes"]},
+                           "mask": found["mask"], "stripes": found["stripes"], "warp": found["warp"]},
              "repaired": res["prompts"] is not None}
     if res["prompts"] is None:
         return Tuned("repair", _after(job), seconds, 0, cfg.as_dict(), [], extra=extra)

@@ -8,8 +8,8 @@ classes) and faint 1-D stripes in four orientations (global periodic signals).
     python -m engine.scan --checkpoint suspect.safetensors --shots 8
     python -m engine.scan --model ViT-B-32 --pretrained openai --dataset folder:/data/pets
 
-The inversions run on the few clean shots; the inverted triggers are measured on held-out clean images
-(other images of the train split). The thresholds were chosen on the backdoor zoo's dev split
+The inversions run on the few clean shots, and the inverted triggers are measured on them (or, with
+--holdout N, on N other clean images of the train split). The thresholds were chosen on the backdoor zoo's dev split
 (bench/zoo.py); bench/results/zoo.md reports the scan on the test split. Prints a table; writes
 scan.json and trigger.png (the suspected trigger) to --out (default runs/scan-<timestamp>), nothing
 unless the whole scan succeeds.
@@ -29,12 +29,16 @@ from .io import atomic_dir, check_creatable, occupied, save_png, write_json
 from .models import bundled_checkpoint, is_lab, load_model
 from .tune import resolve_device
 
-HOLDOUT = 1000      # held-out clean images the inverted triggers are measured on
+# The inverted triggers are measured on the shots themselves by default, as the repair defense (which has
+# only the shots) does: the thresholds were chosen that way. --holdout N measures on N other images.
+HOLDOUT = 0
 
 
 def split_shots(train_all, shots, holdout, seed):
-    """(few-shot ImageSet, held-out ImageSet): `shots` per class, and up to `holdout` other images."""
+    """(few-shot ImageSet, held-out ImageSet or None): `shots` per class, and up to `holdout` other images."""
     few_idx = D.few_shot_indices(train_all.labels, shots, seed)
+    if holdout == 0:
+        return train_all.subset(few_idx), None
     taken = set(few_idx)
     rest = [i for i in range(len(train_all)) if i not in taken]
     if not rest:
@@ -45,7 +49,7 @@ def split_shots(train_all, shots, holdout, seed):
 
 
 def scan(clip, few, held, text, cfg=None, log=print, progress=False):
-    """detect() with held-out probe images; the suspected target as a class name."""
+    """detect() with probe images `held` (None: the shots); the suspected target as a class name."""
     result = det.detect(clip, few, text, cfg or det.DetectConfig(), probe=held, progress=progress, log=log)
     result["suspected_target"] = few.classes[result["suspected_target"]]
     return result
@@ -112,7 +116,9 @@ def check_args(args):
         raise UserError(f"--out {args.out} already exists and is not empty")
     if args.out:
         check_creatable(args.out, "--out")
-    for flag in ("shots", "holdout", "steps"):
+    if args.holdout < 0:
+        raise UserError("--holdout must be 0 (measure on the shots) or more")
+    for flag in ("shots", "steps"):
         if getattr(args, flag) < 1:
             raise UserError(f"--{flag} must be at least 1")
     if args.stripe_steps < 0:
@@ -138,7 +144,7 @@ def run(args):
                   stripes=replace(base.stripes, steps=max(args.stripe_steps, 1), seed=args.seed),
                   use_stripes=args.stripe_steps > 0)
     log(f"scanning {args.model} ({checkpoint or args.pretrained or 'random weights'}) on {device}: "
-        f"{len(few)} shots, {len(held)} held-out images")
+        f"{len(few)} shots" + (f", {len(held)} held-out images" if held is not None else ""))
     result = scan(clip, few, held, text, cfg, log, progress=not args.quiet)
     report = {
         "verdict": result["verdict"], "suspected_target": result["suspected_target"],
@@ -147,7 +153,7 @@ def run(args):
         "thresholds": {k: v for k, v in cfg.as_dict().items() if k.startswith("min_")},
         "inversion": {"mask": cfg.mask.as_dict(), "stripes": cfg.stripes.as_dict() if cfg.use_stripes else None},
         "model": args.model, "checkpoint": str(checkpoint) if checkpoint else None, "pretrained": args.pretrained,
-        "dataset": args.dataset, "classes": few.classes, "shots": args.shots, "holdout_images": len(held),
+        "dataset": args.dataset, "classes": few.classes, "shots": args.shots, "holdout_images": 0 if held is None else len(held),
         "device": str(device), "seconds": round(time.time() - t0, 2),
     }
     with atomic_dir(out_dir) as tmp:

@@ -137,6 +137,7 @@ class Job:
     templates: list
     backend: str
     checkpoint: object
+    detection: object = None  # engine.inversion.detect's result on `train`, when already computed (bench.zoo)
 
 
 def prepare(args, log=print):

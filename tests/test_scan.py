@@ -21,7 +21,7 @@ from engine.evaluate import predict
 from engine.models import Clip
 
 ROOT = Path(__file__).resolve().parent.parent
-TINY = ["--steps", "3", "--stripe-steps", "2", "--shots", "2", "--holdout", "100", "--quiet"]
+TINY = ["--steps", "3", "--stripe-steps", "2", "--shots", "2", "--quiet"]
 
 
 # ---------------------------------------------------------------- the statistics on constructed numbers
@@ -183,8 +183,8 @@ def test_scan_finds_a_planted_stripe_signal(planted):
 
 def test_stripe_inversion_gradients_do_not_depend_on_the_chunking():
     clip, few, _, text = _stand_in(2, StripeBackdoor)
-    whole, h1 = stripes.invert_stripes(clip, few.images, text, stripes.StripeConfig(steps=5, chunk=4096))
-    chunked, h2 = stripes.invert_stripes(clip, few.images, text, stripes.StripeConfig(steps=5, chunk=16))
+    whole, h1 = stripes.invert_stripes(clip, few.images, text, stripes.StripeConfig(steps=5, batch=32, chunk=4096))
+    chunked, h2 = stripes.invert_stripes(clip, few.images, text, stripes.StripeConfig(steps=5, batch=32, chunk=16))
     assert h1 == pytest.approx(h2, rel=1e-5)
     for o in stripes.ORIENTATIONS:
         torch.testing.assert_close(whole[o], chunked[o], rtol=1e-4, atol=1e-5)
@@ -218,7 +218,7 @@ def test_scan_writes_json_and_png_atomically(tmp_path, monkeypatch, small_data):
     assert set(saved["stripes"]["shares"]) == set(stripes.ORIENTATIONS)
     assert saved["inversion"]["stripes"]["steps"] == 2 and saved["inversion"]["mask"]["steps"] == 3
     assert len(saved["checks"]) == len(saved["thresholds"])
-    assert saved["shots"] == 2 and saved["holdout_images"] == 100 and saved["checkpoint"].endswith("badnet.safetensors")
+    assert saved["shots"] == 2 and saved["holdout_images"] == 0 and saved["checkpoint"].endswith("badnet.safetensors")
 
     def fail(*a, **k):
         raise OSError("disk full")

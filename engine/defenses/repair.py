@@ -81,9 +81,10 @@ def tune_prompts(clip, images, trigger, cfg, backend="shared", progress=True, ne
     return prompts.requires_grad_(False), history
 
 
-def tune(clip, train, text, cfg, backend="shared", progress=True, log=None):
-    """Returns {'prompts' (None if nothing was tuned), 'detection' (engine.inversion.detect's), 'history'}."""
-    found = det.detect(clip, train, text, cfg.detect, progress=progress, log=log)
+def tune(clip, train, text, cfg, backend="shared", progress=True, log=None, detection=None):
+    """Returns {'prompts' (None if nothing was tuned), 'detection' (engine.inversion.detect's), 'history'}.
+    `detection`: detect()'s result on these shots with cfg.detect, if already computed (engine.scan's)."""
+    found = detection or det.detect(clip, train, text, cfg.detect, progress=progress, log=log)
     if found["verdict"] == "clean" and not cfg.always:
         return {"prompts": None, "detection": found, "history": []}
     trigger, neutral = found["trigger"], None

@@ -27,10 +27,10 @@ from . import LOGIT_SCALE
 
 @dataclass
 class StripeConfig:
-    eps: float = 0.1       # max |delta|; the scan's thresholds are calibrated here (SIG's own is 0.235)
-    steps: int = 200       # SIG's target share over four few-shot draws: 0.56-0.75 at 100 steps of 16 shots,
-    lr: float = 0.1        # 0.65-0.80 at 200 of 32; the clean model's best class 0.36-0.46 / 0.40-0.46
-    batch: int = 32        # shots per step, shared by every (orientation, class) candidate
+    eps: float = 0.1       # max |delta|; SIG's own amplitude is 0.235, the zoo's periodic triggers 0.1-0.25
+    steps: int = 100       # 4 orientations x K classes x batch images a step: the detector's costliest part
+    lr: float = 0.1
+    batch: int = 16        # shots per step, shared by every (orientation, class) candidate
     chunk: int = 512       # images per forward/backward; gradients accumulate over chunks
     seed: int = 0
 
