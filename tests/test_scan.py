@@ -301,3 +301,18 @@ def test_warp_checks_join_the_verdict():
     assert det.decide(mask, stripes_ev, cfg, {"target_share": 0.9, "anomaly_index": 1.0})[::2] == ("clean", None)
     assert set(det.decide(mask, stripes_ev, cfg, {"target_share": 0.1, "anomaly_index": 0})[1]) >= {"warp_share",
                                                                                                   "warp_anomaly"}
+
+
+@pytest.mark.parametrize("family", ["mask", "warp"])
+def test_targeted_inversion_stops_on_a_nan_loss(family):
+    clip, few, _, text = _stand_in(2)
+    clip.model.scale.data.fill_(float("nan"))
+    with pytest.raises(UserError, match=f"{family} trigger inversion step 1"):
+        targeted.invert(clip, few.images, few.labels, text, targeted.TargetedConfig(steps=3), family=family)
+
+
+def test_targeted_inversion_needs_two_classes():
+    clip, few, _, text = _stand_in(2)
+    one = few.subset(torch.nonzero(few.labels == few.labels[0]).flatten())
+    with pytest.raises(UserError, match="at least two classes"):
+        targeted.invert(clip, one.images, one.labels, text, targeted.TargetedConfig(steps=1))

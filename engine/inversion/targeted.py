@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from ..errors import UserError
+from ..defenses import descend
 from ..evaluate import image_features
 from . import LOGIT_SCALE
 
@@ -151,12 +152,8 @@ def invert(clip, images, labels, text, cfg, classes=None, progress=False, encode
         logits = LOGIT_SCALE * image_features(clip, x, encode) @ text.t()
         ce = F.cross_entropy(logits, target, reduction="none").view(K, B).mean(1)
         loss = (ce + lam * fam.size()).sum()
-        if not torch.isfinite(loss):
-            raise UserError(f"trigger inversion loss became {loss.item()} at step {step + 1}; lower its lr")
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        history.append(loss.item() / K)
+        history.append(descend(loss, opt, where=f"{family} trigger inversion step {step + 1}",
+                               hint="lower the inversion lr or check the model and data") / K)
         bar.set_postfix(loss=f"{history[-1]:.3f}")
     with torch.no_grad():
         sizes = fam.size().tolist()
