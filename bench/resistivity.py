@@ -1,5 +1,5 @@
-"""Perturbation resistivity (SPEC.md's PR diagnostic) of the bundled lab CLIPs, and of the BadNet model
-after the repair defense: per layer, the mean cosine between class tokens of x and of a perturbed x.
+"""Perturbation resistivity (docs/ALGORITHMS.md, "Perturbation resistivity") of the bundled lab CLIPs,
+and of the BadNet model after the repair defense: per layer, the mean cosine between class tokens of x and of a perturbed x.
 Lab CLIP numbers (Fashion-MNIST), not real CLIP.
 
     python -m bench.resistivity            # clean, badnet, badnet repaired; 1,000 test images

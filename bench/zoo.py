@@ -17,10 +17,9 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from engine import tune, zoo
+from engine import manifest, tune, zoo
 from engine.evaluate import evaluate_attack
 from engine.io import atomic_path, write_json
-from engine.models import LAB_CHECKPOINTS
 from engine.purify import DEFENSES
 from engine.scan import scan
 
@@ -36,12 +35,11 @@ QUICK_EPOCHS = {"repair": 2, "rvpt": 2, "cbpt": 10, "vpt": 2}
 
 def bundled_models():
     """The bundled lab models as zoo-style entries (dev split only)."""
-    manifest = json.loads((LAB_CHECKPOINTS / "manifest.json").read_text())["models"]
     out = []
-    for name, entry in manifest.items():
-        if not (LAB_CHECKPOINTS / entry["file"]).is_file():
+    for name, entry in manifest.models().items():
+        if not manifest.bundled(entry):
             continue
-        out.append({"name": f"bundled-{name}", "checkpoint": str(LAB_CHECKPOINTS / entry["file"]),
+        out.append({"name": f"bundled-{name}", "checkpoint": str(manifest.checkpoint(entry)),
                     "attack": None if name == "clean" else name, "target": entry.get("target"),
                     "no_defense_asr": entry.get("asr")})
     return out

@@ -1,5 +1,5 @@
-"""Perturbation resistivity (PR, SPEC.md; the RVPT paper's premise): per layer, the mean cosine between the
-class tokens of x and of a perturbed x. The paper reports that backdoored CLIPs keep their class tokens
+"""Perturbation resistivity (PR; docs/ALGORITHMS.md, "Perturbation resistivity"; the RVPT paper's premise):
+per layer, the mean cosine between the class tokens of x and of a perturbed x. The paper reports that backdoored CLIPs keep their class tokens
 unusually still under perturbations; a purified model should move them more, the trigger above all.
 
     resistivity(clip, images, perturbations(trigger), prompts=None) -> {perturbation: [cos per layer]}
@@ -11,7 +11,7 @@ from . import prompted_vit
 
 
 def perturbations(trigger=None, seed=0):
-    """SPEC.md's perturbations of [0, 1] images: Gaussian noise, blur, colour jitter, flip (and a trigger)."""
+    """The PR perturbations of [0, 1] images: Gaussian noise, blur, colour jitter, flip (and a trigger)."""
     def noise(x):
         g = torch.Generator().manual_seed(seed)
         return (x + 0.05 * torch.randn(x.shape, generator=g).to(x)).clamp(0, 1)

@@ -1,7 +1,7 @@
 """Scan a CLIP for a backdoor without knowing the trigger: invert one per class, then ask whether one
-class is an outlier. Two trigger families are searched (engine.inversion.detect): a stamped mask +
+class is an outlier. Three trigger families are searched (engine.inversion.detect): a stamped mask +
 pattern per class (Neural Cleanse style: a backdoor target needs a far smaller mask than the other
-classes) and faint 1-D stripes in four orientations (global periodic signals).
+classes), faint 1-D stripes in four orientations (global periodic signals) and smooth bounded warps.
 
     python -m engine.scan                          # the bundled BadNet lab model
     python -m engine.scan --lab clean              # the clean lab model (should say clean)

@@ -109,7 +109,7 @@ def parse_args(argv=None):
     d.add_argument("--eval-limit", type=int, default=None,
                    help="evaluate on N test images only (Fashion-MNIST: the first N; folder/csv data: a "
                         "class-balanced seeded subset)")
-    t = p.add_argument_group("tuning (defaults: SPEC.md for real CLIP; each defense's LAB_DEFAULTS for lab-vit)")
+    t = p.add_argument_group("tuning (defaults: docs/ALGORITHMS.md for real CLIP; each defense's LAB_DEFAULTS for lab-vit)")
     t.add_argument("--epochs", type=int, default=None, help="override the defense's epochs (steps for cbpt/coop)")
     t.add_argument("--lr", type=float, default=None, help="override the defense's learning rate")
     t.add_argument("--batch", type=int, default=32)

@@ -32,7 +32,7 @@ class RepairConfig:
     start: int = 0               # D: unprompted leading blocks
     tokens: int = 16             # b: prompt tokens per block
     init_std: float = 0.02
-    w_clean: float = 10.0
+    w_clean: float = 30.0        # weights chosen on the dev split (bundled BadNet sweep of w_clean 10 / 30 / 100)
     w_trigger: float = 10.0
     lr: float = 0.01
     momentum: float = 0.9
@@ -88,7 +88,7 @@ def tune(clip, train, text, cfg, backend="shared", progress=True, log=None, dete
     if found["verdict"] == "clean" and not cfg.always:
         return {"prompts": None, "detection": found, "history": []}
     trigger, neutral = found["trigger"], None
-    if found["flagged_by"] != "stripes":
+    if found["flagged_by"] in (None, "mask"):   # stripes / warp: their own inverted trigger, as found
         m, p = found["mask_trigger"]
         if cfg.refine_steps:
             m, p, found["refined_mask_size"] = targeted.refine(
