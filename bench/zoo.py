@@ -75,16 +75,20 @@ def tune_argv(model, shots, eval_limit, seed):
     return argv
 
 
-def run_model(model, defenses, cache, shots, eval_limit, seed, quick, log):
+def run_model(model, defenses, cache, shots, eval_limit, seed, quick, log, scan_cell=True):
     """Every cell of one model, each read from the cache or computed and cached."""
     cells = {}
     args = tune.parse_args(tune_argv(model, shots, eval_limit, seed))
     job = None
-    for cell in ["none", "scan"] + defenses:
+    for cell in ["none"] + (["scan"] if scan_cell else []) + defenses:
         path = cache / model["name"] / f"{cell}.json"
         if path.is_file():
-            cells[cell] = json.loads(path.read_text())
-            continue
+            cached = json.loads(path.read_text())
+            if cell == "scan" and stale(cached, quick):   # thresholds moved: detect again, repair again
+                (cache / model["name"] / "repair.json").unlink(missing_ok=True)
+            else:
+                cells[cell] = cached
+                continue
         if job is None:
             job = tune.prepare(args, log=lambda *a: None)
         t0 = time.time()
@@ -107,6 +111,15 @@ def run_model(model, defenses, cache, shots, eval_limit, seed, quick, log):
         log(f"{model['name']}: {cell} " + (f"{res['verdict']} ({res['suspected_target']})" if cell == "scan" else
                                          f"CA {res['ca']:.2f} ASR {res['asr']:.2f}") + f"  {res['seconds']:.0f} s")
     return cells
+
+
+def stale(scan_cell, quick):
+    """True when the current thresholds would give a cached scan another verdict or flagging family."""
+    from engine.inversion.detect import decide
+    if "log_gap" not in scan_cell.get("mask", {}):   # made before the gap statistic existed
+        return True
+    _, _, family = decide(scan_cell["mask"], scan_cell["stripes"], detect_config(quick), scan_cell.get("warp"))
+    return family != scan_cell["flagged_by"]
 
 
 def detect_config(quick):
@@ -239,6 +252,10 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quick", action="store_true", help="CI smoke run: bundled badnet + clean, tiny settings")
     p.add_argument("--results", default=str(RESULTS), help="folder of the result files")
+    p.add_argument("--cached-only", action="store_true",
+                   help="tables from the cached cells only: models with a missing cell are listed, not run")
+    p.add_argument("--skip-scan", action="store_true",
+                   help="only fill the cache with the given defenses' cells (no scan, no tables); the repair needs the scan")
     args = p.parse_args(argv)
     t0 = time.time()
     results = Path(args.results)
@@ -253,11 +270,19 @@ def main(argv=None):
     missing = [m["name"] for m in models if m["checkpoint"] is None]
     models = [m for m in models if m["checkpoint"] is not None]
     cache = results / "zoo" / split
+    if args.cached_only:  # aggregate what earlier runs finished; list the rest as not run
+        cells_needed = ["none", "scan"] + args.defenses
+        done = [m for m in models if all((cache / m["name"] / f"{c}.json").is_file() for c in cells_needed)]
+        missing += [m["name"] + " (not run yet)" for m in models if m not in done]
+        models = done
     rows = []
     for m in models:
-        cells = run_model(m, args.defenses, cache, shots, eval_limit, args.seed, args.quick, print)
+        cells = run_model(m, args.defenses, cache, shots, eval_limit, args.seed, args.quick, print,
+                          scan_cell=not args.skip_scan)
         rows.append({"name": m["name"], "family": m.get("family", m.get("attack") or "clean"), "target": m["target"],
                      "kind": kind(m), "cells": cells})
+    if args.skip_scan:
+        return None
     agg = aggregate(rows, args.defenses)
     seconds, cmd = round(time.time() - t0, 1), command("bench.zoo", argv)
     out = results / f"zoo_{split}"

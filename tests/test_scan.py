@@ -59,18 +59,30 @@ def test_flip_shares_count_only_images_the_trigger_moves():
     assert shares[2] == pytest.approx(0.75) and shares[0] == 0.0
 
 
-def _decide(mask_anomaly, share, stripe_anomaly):
+def _decide(mask_anomaly, share, stripe_anomaly, gap=0.0):
     cfg = det.DetectConfig()
-    return det.decide({"anomaly_index": mask_anomaly}, {"target_share": share, "anomaly_index": stripe_anomaly}, cfg)
+    return det.decide({"anomaly_index": mask_anomaly, "log_gap": gap},
+                      {"target_share": share, "anomaly_index": stripe_anomaly}, cfg)
 
 
 def test_verdict_on_backdoor_and_clean_like_numbers():
-    assert _decide(10.0, 0.3, 1.0)[::2] == ("backdoored", "mask")
+    assert _decide(10.0, 0.3, 1.0)[::2] == ("clean", None)         # an outlier, but the mask is not much smaller
+    assert _decide(10.0, 0.3, 1.0, gap=0.8)[::2] == ("backdoored", "mask")
+    assert _decide(1.0, 0.3, 1.0, gap=0.8)[::2] == ("clean", None)         # much smaller, but so are others
     assert _decide(1.0, 0.9, 6.0)[::2] == ("backdoored", "stripes")
     assert _decide(1.0, 0.9, 1.0)[::2] == ("clean", None)       # stripes push every class alike
     assert _decide(1.0, 0.3, 6.0)[::2] == ("clean", None)       # an outlier, but no class really reachable
     verdict, checks, _ = _decide(1.0, 0.3, 1.0)
-    assert verdict == "clean" and set(checks) == {"mask_anomaly", "stripe_share", "stripe_anomaly"}
+    assert verdict == "clean" and set(checks) == {"mask_anomaly", "mask_gap", "stripe_share", "stripe_anomaly"}
+    # a clearly smaller mask flags at a modest anomaly index (the other classes spread widely)
+    assert det.decide({"anomaly_index": 2.3, "log_gap": 0.6}, None, det.DetectConfig())[::2] == ("backdoored", "mask")
+
+
+def test_log_gap_is_the_log_ratio_to_the_median_of_the_others():
+    import math
+    sizes = [100.0, 120, 80, 40, 110]
+    assert targeted.log_gap(sizes, 3) == pytest.approx(math.log(105 / 40))
+    assert targeted.log_gap([50.0] * 4, 0) == pytest.approx(0.0)
 
 
 def test_stripe_patterns_are_bounded_one_dimensional_signals():

@@ -2,7 +2,8 @@
 every class, each followed by an outlier test over the classes:
 
 - mask (engine.inversion.targeted): the smallest stamped mask + pattern sending the other classes'
-  shots to k; a backdoor target needs a far smaller mask (MAD anomaly index of the log mask sizes);
+  shots to k; a backdoor target needs a far smaller mask (its log size well below the median of the
+  other classes' and an outlier among them by the MAD anomaly index);
 - stripes (engine.inversion.stripes): one faint 1-D pattern per orientation and class; a backdoor keyed
   to a global periodic signal makes its target far easier to reach (share of probe images sent there);
 - warps (engine.inversion.targeted.WarpFamily): one smooth warp of bounded shift per class (WaNet-like
@@ -29,10 +30,13 @@ class DetectConfig:
     stripes: stripe_inversion.StripeConfig = field(default_factory=stripe_inversion.StripeConfig)
     use_stripes: bool = True
     use_warps: bool = True
-    min_mask_anomaly: float = 3.5       # MAD units below the other classes' log mask sizes
-    min_stripe_share: float = 0.55
-    min_stripe_anomaly: float = 3.0
-    min_warp_share: float = 0.55
+    # Cuts chosen on the zoo's dev split (bench/results/zoo_dev.json holds the evidence), measured on the
+    # shots: the clean controls' highest mask anomaly and stripe / warp shares sit below them.
+    min_mask_gap: float = 0.33          # log(median other class's mask / smallest mask) ...
+    min_mask_anomaly: float = 2.0       # ... and that smallest mask this many MADs below the others' (log sizes)
+    min_stripe_share: float = 0.6
+    min_stripe_anomaly: float = 2.0
+    min_warp_share: float = 0.6
     min_warp_anomaly: float = 3.0
 
     def as_dict(self):
@@ -64,6 +68,7 @@ def mask_evidence(clip, few, text, cfg, probe, clean_pred, progress=False):
     trig = predict(clip, probe.images, text, transform=lambda x: targeted.stamp(x, masks[k].to(x), patterns[k].to(x)))
     share = flip_shares(probe.labels, clean_pred, trig, len(few.classes))[k]
     return {"target": few.classes[k], "target_index": k, "anomaly_index": anomaly, "target_share": share,
+            "log_gap": targeted.log_gap(sizes, k),
             "mask_size": sizes[k], "sizes": dict(zip(few.classes, sizes)), "seconds": round(time.time() - t0, 2)}, \
         (masks[k], patterns[k])
 
@@ -102,14 +107,15 @@ def warp_evidence(clip, few, text, cfg, probe, clean_pred, progress=False):
 
 def decide(mask_ev, stripe_ev, cfg, warp_ev=None):
     """(verdict, {check: passed}, the family that flagged: 'mask', 'stripes', 'warp' or None)."""
-    checks = {"mask_anomaly": mask_ev["anomaly_index"] >= cfg.min_mask_anomaly}
+    checks = {"mask_anomaly": mask_ev["anomaly_index"] >= cfg.min_mask_anomaly,
+              "mask_gap": mask_ev.get("log_gap", 0.0) >= cfg.min_mask_gap}
     if stripe_ev is not None:
         checks["stripe_share"] = stripe_ev["target_share"] >= cfg.min_stripe_share
         checks["stripe_anomaly"] = stripe_ev["anomaly_index"] >= cfg.min_stripe_anomaly
     if warp_ev is not None:
         checks["warp_share"] = warp_ev["target_share"] >= cfg.min_warp_share
         checks["warp_anomaly"] = warp_ev["anomaly_index"] >= cfg.min_warp_anomaly
-    family = "mask" if checks["mask_anomaly"] else \
+    family = "mask" if checks["mask_anomaly"] and checks["mask_gap"] else \
         "stripes" if stripe_ev is not None and checks["stripe_share"] and checks["stripe_anomaly"] else \
         "warp" if warp_ev is not None and checks["warp_share"] and checks["warp_anomaly"] else None
     return ("backdoored" if family else "clean"), checks, family

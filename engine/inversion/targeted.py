@@ -181,3 +181,10 @@ def refine(clip, images, labels, text, k, mask, pattern, cfg, lam_factor=4.0, st
     (m, p), sizes, _ = invert(clip, images, labels, text, cfg, classes=[k], init=(mask[None], pattern[None]),
                               lam=cfg.lam * lam_factor, steps=steps, progress=progress)
     return m[0], p[0], sizes[0]
+
+
+def log_gap(sizes, k):
+    """How many e-folds class k's mask is smaller than the other classes' median mask: a scale-free size
+    ratio that, unlike the anomaly index, does not shrink when the other classes spread widely."""
+    others = [v for i, v in enumerate(sizes) if i != k]
+    return math.log(max(statistics.median(others), 1e-6)) - math.log(max(sizes[k], 1e-6))
