@@ -210,8 +210,10 @@ def markdown(split, rows, agg, defenses, missing, cmd, seconds):
                      f"{sc['score']:.2f}) | " + " | ".join(f"{c[d]['asr']:.1f} ({c[d]['ca']:.1f})" for d in defenses) + " |")
     if missing:
         lines += ["", f"Not built yet (skipped): {', '.join(missing)}."]
+    run = "tables from cached cells" if seconds is None else f"whole run {seconds:.0f} s"
     lines += ["", f"ASR % (CA %) on the first test images per model; ASR of controls is measured with a stand-in "
-              f"trigger and means nothing. Whole run {seconds:.0f} s (`{cmd}`)."]
+              f"trigger and means nothing. The repair's seconds leave out its detection (the scan's, reused). "
+              f"Scan score: how far past its thresholds the strongest family is (>= 1 flags). {run} (`{cmd}`)."]
     return "\n".join(lines) + "\n"
 
 
@@ -284,7 +286,7 @@ def main(argv=None):
     if args.skip_scan:
         return None
     agg = aggregate(rows, args.defenses)
-    seconds, cmd = round(time.time() - t0, 1), command("bench.zoo", argv)
+    seconds, cmd = None if args.cached_only else round(time.time() - t0, 1), command("bench.zoo", argv)
     out = results / f"zoo_{split}"
     write_json(str(out) + ".json", {"command": cmd, "machine": machine(), "split": split, "shots": shots,
                                     "eval_limit": eval_limit, "seed": args.seed, "seconds": seconds,
