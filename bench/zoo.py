@@ -87,6 +87,8 @@ def run_model(model, defenses, cache, shots, eval_limit, seed, quick, log, scan_
             if cell == "scan" and stale(cached, quick):   # thresholds moved: detect again, repair again
                 (cache / model["name"] / "repair.json").unlink(missing_ok=True)
             else:
+                if cell == "scan":
+                    cached["score"] = score(cached)   # the current definition, from the stored evidence
                 cells[cell] = cached
                 continue
         if job is None:
@@ -134,7 +136,8 @@ def score(result):
     """One number per scan for the AUROC: how far past its thresholds the stronger family is (>= 1 flags)."""
     from engine.inversion.detect import DetectConfig
     cfg = DetectConfig()
-    s = result["mask"]["anomaly_index"] / cfg.min_mask_anomaly
+    m = result["mask"]
+    s = min(m["anomaly_index"] / cfg.min_mask_anomaly, m.get("log_gap", 0.0) / cfg.min_mask_gap)
     st, wp = result["stripes"], result.get("warp")
     if st:
         s = max(s, min(st["target_share"] / cfg.min_stripe_share, st["anomaly_index"] / cfg.min_stripe_anomaly))
@@ -236,7 +239,7 @@ def plot(rows, defenses, path, split):
     ax.axvline(3, color="grey", lw=0.8, ls=":")
     ax.set_xlabel("CA drop (points)")
     ax.set_ylabel("ASR after (%)")
-    ax.set_title(f"Backdoor zoo, {split} split: each marker one defense on one backdoored lab model")
+    ax.set_title(f"Backdoor zoo, {split} split (lab CLIP): one marker per defense and model", fontsize=10)
     ax.legend(fontsize=8)
     fig.tight_layout()
     with atomic_path(path) as tmp:

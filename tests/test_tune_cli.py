@@ -15,7 +15,8 @@ from engine.errors import UserError
 from engine.models import bundled_checkpoint
 
 ROOT = Path(__file__).resolve().parent.parent
-TINY = ["--epochs", "1", "--shots", "2", "--eval-limit", "200", "--quiet"]
+# RVPT: the plumbing tests need a defense that tunes in a second (the default repair runs the detector)
+TINY = ["--defense", "rvpt", "--epochs", "1", "--shots", "2", "--eval-limit", "200", "--quiet"]
 
 
 def test_tune_writes_results_and_prompts(tmp_path):
@@ -114,7 +115,8 @@ def tiny_folder(tmp_path_factory):
 
 
 def tiny(root, out, *extra):
-    return ["--dataset", f"folder:{root}", "--target", "bag", "--shots", "2", "--epochs", "1", "--quiet",
+    return ["--defense", "rvpt", "--dataset", f"folder:{root}", "--target", "bag", "--shots", "2", "--epochs", "1",
+            "--quiet",
             "--out", str(out), *extra]
 
 
