@@ -59,3 +59,26 @@ def bundled_attacks():
     """Backdoored lab models that ship in checkpoints/lab (the manifest also lists unbundled ones)."""
     from engine import manifest
     return [name for name, entry in manifest.models().items() if name != "clean" and manifest.bundled(entry)]
+
+
+def pyplot():
+    """matplotlib.pyplot on the Agg backend, or None (with a note) when matplotlib is not installed."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib not installed: no PNG (pip install -e '.[plot]')")
+        return None
+    return plt
+
+
+def save_figure(fig, path):
+    """Write a matplotlib figure as PNG atomically and close it."""
+    from engine.io import atomic_path
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    fig.clf()
+    import matplotlib.pyplot as plt
+    plt.close(fig)

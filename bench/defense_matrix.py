@@ -18,7 +18,7 @@ from engine.evaluate import evaluate_attack
 from engine.io import atomic_path, write_json
 from engine.purify import DEFENSES
 
-from .common import bundled_attacks, command, machine
+from .common import bundled_attacks, command, machine, pyplot, save_figure
 
 ORDER = ["none", "linear-probe", "cleanclip", "coop", "vpt", "cbpt", "rvpt", "rvpt+cbpt"]
 LABELS = {"none": "no defense", "linear-probe": "linear probe", "cleanclip": "CleanCLIP", "coop": "CoOp",
@@ -60,12 +60,8 @@ def markdown(rows, defenses, seconds, cmd):
 
 def heatmap(rows, defenses, path):
     """ASR per cell, CA in the annotation; skipped (with a note) when matplotlib is not installed."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib not installed: no PNG (pip install -e '.[plot]')")
+    plt = pyplot()
+    if plt is None:
         return
     names = ["none"] + defenses
     asr = [[r["cells"][n]["asr"] for r in rows] for n in names]
@@ -78,10 +74,7 @@ def heatmap(rows, defenses, path):
             c = r["cells"][n]
             ax.text(j, i, f"{c['asr']:.1f}\n({c['ca']:.1f})", ha="center", va="center", fontsize=8)
     ax.set_title("ASR % (CA %) on the lab CLIP, Fashion-MNIST test")
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def main(argv=None):

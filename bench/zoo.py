@@ -23,7 +23,7 @@ from engine.io import atomic_path, write_json
 from engine.purify import DEFENSES
 from engine.scan import scan
 
-from .common import command, machine
+from .common import command, machine, pyplot, save_figure
 
 RESULTS = Path("bench/results")
 DEFENSE_ORDER = ["repair", "rvpt", "cbpt"]
@@ -221,12 +221,8 @@ def markdown(split, rows, agg, defenses, missing, cmd, seconds):
 
 
 def plot(rows, defenses, path, split):
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib not installed: no PNG (pip install -e '.[plot]')")
+    plt = pyplot()
+    if plt is None:
         return
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
     markers = dict(zip(defenses, "os^Dv"))
@@ -241,10 +237,7 @@ def plot(rows, defenses, path, split):
     ax.set_ylabel("ASR after (%)")
     ax.set_title(f"Backdoor zoo, {split} split (lab CLIP): one marker per defense and model", fontsize=10)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def main(argv=None):

@@ -65,8 +65,10 @@ def periodic_signal(orientation, frequency, amplitude, phase, size):
     return (amplitude * torch.sin(2 * math.pi * frequency * coord / size + phase))[None, None]
 
 
-def warp_grid(grid, pixels, size, seed):
-    """A fixed smooth displacement field (WaNet's form) whose mean magnitude is `pixels` lab pixels."""
+def smooth_grid(grid, shift, size, seed):
+    """identity + shift * field, field a seeded k x k x 2 noise in [-1, 1] (normalised by its mean
+    magnitude, as WaNet's public code does) upsampled bicubically; `shift` in grid units ([-1, 1] spans
+    the image)."""
     g = torch.Generator().manual_seed(seed)
     noise = torch.rand(1, 2, grid, grid, generator=g) * 2 - 1
     noise = noise / noise.abs().mean()
@@ -74,8 +76,12 @@ def warp_grid(grid, pixels, size, seed):
     ramp = torch.linspace(-1, 1, size)
     yy, xx = torch.meshgrid(ramp, ramp, indexing="ij")
     identity = torch.stack([xx, yy], dim=-1).unsqueeze(0)
-    shift = 2 * pixels / REFERENCE_SIZE  # grid units: [-1, 1] spans the image
     return (identity + shift * field).clamp(-1, 1)
+
+
+def warp_grid(grid, pixels, size, seed):
+    """A fixed smooth displacement field (WaNet's form) whose mean magnitude is `pixels` lab pixels."""
+    return smooth_grid(grid, 2 * pixels / REFERENCE_SIZE, size, seed)
 
 
 class SpecTrigger:
