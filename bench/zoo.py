@@ -21,7 +21,7 @@ from engine import manifest, tune, zoo
 from engine.evaluate import evaluate_attack
 from engine.io import atomic_path, write_json
 from engine.purify import DEFENSES
-from engine.scan import scan
+from engine.inversion.detect import detect
 
 from .common import command, machine, pyplot, save_figure
 
@@ -99,9 +99,9 @@ def run_model(model, defenses, cache, shots, eval_limit, seed, quick, log, scan_
         elif cell == "scan":
             # engine.scan's default: the detector on the tuning shots (the same the defenses get); the repair
             # cell reuses this detection instead of running it again
-            r = scan(job.clip, job.train, None, job.text, detect_config(quick), log=lambda *a: None)
-            job.detection = {**r, "suspected_target": job.test.classes.index(r["suspected_target"])}
-            res = {"verdict": r["verdict"], "suspected_target": r["suspected_target"], "flagged_by": r["flagged_by"],
+            r = job.detection = detect(job.clip, job.train, job.text, detect_config(quick))
+            res = {"verdict": r["verdict"], "suspected_target": job.test.classes[r["suspected_target"]],
+                   "flagged_by": r["flagged_by"],
                    "score": score(r), "mask": r["mask"], "stripes": r["stripes"], "warp": r["warp"]}
         else:
             args.defense, args.epochs = cell, QUICK_EPOCHS[cell] if quick else None

@@ -27,14 +27,18 @@ def _after(job, encode=None, classifier=None, clip=None):
     return evaluate_attack(clip or job.clip, job.test, job.trigger, job.target, encode=encode, text=text)
 
 
+def _prompted_encoder(job, prompts):
+    """The tuned prompts' encoder for evaluation: `shared` for the naive backend (same numbers, faster)."""
+    return prompted_vit.encoder(job.clip.visual, prompts, "shared" if job.backend == "naive" else job.backend)
+
+
 def _tune_prompts(args, job, alpha):
     """(prompts, prompted encoder for evaluation, config, history, seconds)."""
     cfg = _rvpt_config(args, alpha)
     t0 = time.time()
     prompts, history = rvpt.tune(job.clip, job.train, job.text, cfg, job.backend, progress=not args.quiet)
     seconds = time.time() - t0
-    eval_backend = "shared" if job.backend == "naive" else job.backend  # same numbers, faster
-    return prompts, prompted_vit.encoder(job.clip.visual, prompts, eval_backend), cfg, history, seconds
+    return prompts, _prompted_encoder(job, prompts), cfg, history, seconds
 
 
 def _visual_prompts(args, job, alpha):
@@ -119,7 +123,7 @@ def tune_cleanclip(args, job):
 
 
 def tune_repair(args, job):
-    """Detect (mask + stripe inversions on the shots), then distil deep visual prompts so the dummy
+    """Detect (mask, stripe and warp inversions on the shots), then distil deep visual prompts so the dummy
     trigger stops working; nothing is tuned when the detector reads the model clean."""
     base = repair.RepairConfig()
     cfg = replace(base, seed=args.seed, lr=args.lr or base.lr, epochs=args.epochs or base.epochs, batch=args.batch,
@@ -135,9 +139,8 @@ def tune_repair(args, job):
              "repaired": res["prompts"] is not None}
     if res["prompts"] is None:
         return Tuned("repair", _after(job), seconds, 0, cfg.as_dict(), [], extra=extra)
-    eval_backend = "shared" if job.backend == "naive" else job.backend
-    encode = prompted_vit.encoder(job.clip.visual, res["prompts"], eval_backend)
-    return Tuned("repair", _after(job, encode), seconds, prompted_vit.parameter_count(res["prompts"]), cfg.as_dict(),
+    return Tuned("repair", _after(job, _prompted_encoder(job, res["prompts"])), seconds,
+                 prompted_vit.parameter_count(res["prompts"]), cfg.as_dict(),
                  res["history"], backend=job.backend, prompts=res["prompts"], start=cfg.start, extra=extra)
 
 

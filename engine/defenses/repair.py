@@ -6,7 +6,7 @@ choice of target classes), so unlabelled clean images could be added.
     loss = w_clean (1 - cos(p(x), f(x))) + w_trigger (1 - cos(p(T(x)), f(x)))
 
 p = prompted encoder, f = the frozen one, T = the inverted trigger of the family that flagged
-(engine.inversion.detect: a stamped mask + pattern, or stripes). When the detector reads the model clean,
+(engine.inversion.detect: a stamped mask + pattern, stripes or a warp). When the detector reads the model clean,
 nothing is tuned unless `always` (then T is the mask inversion's trigger): a clean model costs nothing."""
 import math
 from dataclasses import asdict, dataclass, field
