@@ -5,18 +5,18 @@ real CLIP.
     python -m bench.defense_matrix            # the README table: all attacks x all defenses, 16-shot
     python -m bench.defense_matrix --quick    # CI smoke: one attack, few epochs, 500 test images
 
-Each attack's model, data and no-defense numbers are loaded once (engine.tune.prepare); each defense then
-runs as engine.tune would run it (engine.purify), with fixed seeds. Writes bench/results/defense_matrix
+Each attack's model, data and no-defense numbers are loaded once (engine.job.prepare); each defense then
+runs as engine.tune would run it (engine.job.defend), with fixed seeds. Writes bench/results/defense_matrix
 .json, .md and .png (a heat map of ASR)."""
 import argparse
 import statistics
 import time
 from pathlib import Path
 
-from engine import tune
+from engine import purify
+from engine.job import JobConfig, defend, prepare
 from engine.evaluate import evaluate_attack
 from engine.io import atomic_path, write_json
-from engine.purify import DEFENSES
 
 from .common import bundled_attacks, command, machine, pyplot, save_figure
 
@@ -28,16 +28,13 @@ QUICK_EPOCHS = {"linear-probe": 5, "cleanclip": 2, "coop": 20, "vpt": 3, "cbpt":
 
 
 def run_attack(attack, defenses, shots, eval_limit, quick, seed, log):
-    args = tune.parse_args(["--fused", "--attack", attack, "--shots", str(shots), "--seed", str(seed), "--quiet"]
-                           + (["--eval-limit", str(eval_limit)] if eval_limit else []))
-    job = tune.prepare(args, log=lambda *a: None)
+    job = prepare(JobConfig(attack=attack, shots=shots, seed=seed, eval_limit=eval_limit, fused=True), log=lambda *a: None)
     cells = {"none": {**evaluate_attack(job.clip, job.test, job.trigger, job.target, text=job.text),
                       "seconds": 0.0, "tuned_params": 0}}
     log(f"{attack}: no defense ASR {cells['none']['asr']:.2f} CA {cells['none']['ca']:.2f}")
     for name in defenses:
-        args.defense, args.epochs = name, QUICK_EPOCHS[name] if quick else None
         t0 = time.time()
-        tuned = DEFENSES[name](args, job)
+        tuned = defend(job, name, purify.config(name, job.model, epochs=QUICK_EPOCHS[name] if quick else None, seed=seed))
         cells[name] = {**tuned.after, "seconds": round(tuned.seconds, 2), "wall_seconds": round(time.time() - t0, 2),
                        "tuned_params": tuned.tuned_params, "config": tuned.config}
         log(f"{attack}: {name:<13} ASR {tuned.after['asr']:6.2f} CA {tuned.after['ca']:6.2f}  "

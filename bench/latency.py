@@ -23,7 +23,7 @@ from engine.errors import UserError
 from engine.io import atomic_path, write_json
 from engine.models import bundled_checkpoint, load_model
 from engine.runs import load_prompts
-from engine.tune import resolve_target
+from engine.job import resolve_target
 from export import folded
 from export.onnx import export
 from export.predict import evaluate

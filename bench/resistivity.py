@@ -12,7 +12,8 @@ import time
 from pathlib import Path
 
 from engine import data as D
-from engine import diagnostics, tune
+from engine import diagnostics
+from engine.job import JobConfig, prepare
 from engine.defenses import repair
 from engine.io import atomic_path, write_json
 from engine.models import bundled_checkpoint, load_model
@@ -49,7 +50,7 @@ def main(argv=None):
     for name in ("clean", "badnet"):
         clip = load_model("lab-vit", checkpoint=bundled_checkpoint(name))
         rows += rows_of(name, diagnostics.resistivity(clip, test.images, diagnostics.perturbations(trigger)))
-    job = tune.prepare(tune.parse_args(["--fused", "--quiet", "--attack", "badnet"]), log=lambda *a: None)
+    job = prepare(JobConfig(attack="badnet", fused=True), log=lambda *a: None)
     cfg = repair.RepairConfig(epochs=2) if args.quick else repair.RepairConfig()
     res = repair.tune(job.clip, job.train, job.text, cfg, progress=False)
     if res["prompts"] is not None:

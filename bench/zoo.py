@@ -17,9 +17,10 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from engine import manifest, tune, zoo
+from engine import manifest, purify, zoo
 from engine.evaluate import evaluate_attack
 from engine.io import atomic_path, write_json
+from engine.job import JobConfig, defend, prepare
 from engine.purify import DEFENSES
 from engine.inversion.detect import detect
 
@@ -62,29 +63,29 @@ def kind(model):
     return "backdoored" if (model["no_defense_asr"] or 0) >= BACKDOOR_TOOK else "failed"
 
 
-def tune_argv(model, shots, eval_limit, seed):
-    argv = ["--fused", "--checkpoint", model["checkpoint"], "--shots", str(shots), "--seed", str(seed), "--quiet",
-            "--eval-limit", str(eval_limit)]
+def job_config(model, shots, eval_limit, seed):
+    """The model's JobConfig: its checkpoint, and ASR measured with its own trigger and target."""
+    cfg = JobConfig(checkpoint=model["checkpoint"], shots=shots, seed=seed, eval_limit=eval_limit, fused=True)
     if "record" in model:
         rec = model["record"]
         # a clean control has no trigger: ASR is measured with a harmless stand-in and not reported
         trig = rec["trigger"] or {"family": "patch", "size": 3, "position": [29, 29], "pattern": "noise", "seed": 0}
-        argv += ["--trigger-spec", json.dumps(trig), "--target", rec["target"] or "bag"]
-    else:
-        argv += ["--attack", model["attack"] or "badnet", "--target", model["target"] or "bag"]
-    return argv
+        return replace(cfg, trigger_spec=json.dumps(trig), target=rec["target"] or "bag")
+    return replace(cfg, attack=model["attack"] or "badnet", target=model["target"] or "bag")
 
 
-def run_model(model, defenses, cache, shots, eval_limit, seed, quick, log, scan_cell=True):
-    """Every cell of one model, each read from the cache or computed and cached."""
+def run_model(model, defenses, cache, shots, eval_limit, seed, quick, log, scan_cell=True, cached_only=False):
+    """Every cell of one model, each read from the cache or computed and cached (cached_only: missing
+    defense cells are left out, not computed)."""
     cells = {}
-    args = tune.parse_args(tune_argv(model, shots, eval_limit, seed))
     job = None
     for cell in ["none"] + (["scan"] if scan_cell else []) + defenses:
         path = cache / model["name"] / f"{cell}.json"
+        if cached_only and not path.is_file():
+            continue
         if path.is_file():
             cached = json.loads(path.read_text())
-            if cell == "scan" and stale(cached, quick):   # thresholds moved: detect again, repair again
+            if cell == "scan" and stale(cached, quick):   # settings or thresholds moved: detect again, repair again
                 (cache / model["name"] / "repair.json").unlink(missing_ok=True)
             else:
                 if cell == "scan":
@@ -92,7 +93,7 @@ def run_model(model, defenses, cache, shots, eval_limit, seed, quick, log, scan_
                 cells[cell] = cached
                 continue
         if job is None:
-            job = tune.prepare(args, log=lambda *a: None)
+            job = prepare(job_config(model, shots, eval_limit, seed), log=lambda *a: None)
         t0 = time.time()
         if cell == "none":
             res = evaluate_attack(job.clip, job.test, job.trigger, job.target, text=job.text)
@@ -102,10 +103,11 @@ def run_model(model, defenses, cache, shots, eval_limit, seed, quick, log, scan_
             r = job.detection = detect(job.clip, job.train, job.text, detect_config(quick))
             res = {"verdict": r["verdict"], "suspected_target": job.test.classes[r["suspected_target"]],
                    "flagged_by": r["flagged_by"],
-                   "score": score(r), "mask": r["mask"], "stripes": r["stripes"], "warp": r["warp"]}
+                   "score": score(r), "mask": r["mask"], "stripes": r["stripes"], "warp": r["warp"],
+                   "inversion": inversion_settings(detect_config(quick))}
         else:
-            args.defense, args.epochs = cell, QUICK_EPOCHS[cell] if quick else None
-            tuned = DEFENSES[cell](args, job)
+            cfg = purify.config(cell, job.model, epochs=QUICK_EPOCHS[cell] if quick else None, seed=seed)
+            tuned = defend(job, cell, cfg)
             res = {**tuned.after, "tune_seconds": round(tuned.seconds, 2), **tuned.extra}
         res["seconds"] = round(time.time() - t0, 2)
         write_json(path, res)
@@ -115,10 +117,16 @@ def run_model(model, defenses, cache, shots, eval_limit, seed, quick, log, scan_
     return cells
 
 
+def inversion_settings(cfg):
+    """The part of a DetectConfig the evidence depends on (the thresholds are applied afresh to it)."""
+    return {k: v for k, v in cfg.as_dict().items() if not k.startswith("min_")}
+
+
 def stale(scan_cell, quick):
-    """True when the current thresholds would give a cached scan another verdict or flagging family."""
+    """True when the cached scan's evidence came from other inversion settings, or when the current
+    thresholds would give it another verdict or flagging family."""
     from engine.inversion.detect import decide
-    if "log_gap" not in scan_cell.get("mask", {}):   # made before the gap statistic existed
+    if scan_cell.get("inversion") != inversion_settings(detect_config(quick)):
         return True
     _, _, family = decide(scan_cell["mask"], scan_cell["stripes"], detect_config(quick), scan_cell.get("warp"))
     return family != scan_cell["flagged_by"]
@@ -169,17 +177,18 @@ def aggregate(rows, defenses):
         "median_seconds": statistics.median(r["cells"]["scan"]["seconds"] for r in rows) if rows else None,
     }
     per_defense = {}
-    for d in defenses:
-        asr = [r["cells"][d]["asr"] for r in bd]
-        drop = [r["cells"]["none"]["ca"] - r["cells"][d]["ca"] for r in bd]
-        cdrop = [r["cells"]["none"]["ca"] - r["cells"][d]["ca"] for r in ctrl]
-        per_defense[d] = {
+    for d in defenses:   # over the models that have the defense's cell (all of them unless --cached-only)
+        asr = [r["cells"][d]["asr"] for r in bd if d in r["cells"]]
+        drop = [r["cells"]["none"]["ca"] - r["cells"][d]["ca"] for r in bd if d in r["cells"]]
+        cdrop = [r["cells"]["none"]["ca"] - r["cells"][d]["ca"] for r in ctrl if d in r["cells"]]
+        per_defense[d] = {"backdoored_measured": len(asr), "controls_measured": len(cdrop),
             "asr_ok_share": sum(a <= ASR_OK for a in asr) / len(asr) if asr else None,
             "median_asr": statistics.median(asr) if asr else None, "worst_asr": max(asr) if asr else None,
             "median_ca_drop": statistics.median(drop) if drop else None, "worst_ca_drop": max(drop) if drop else None,
             "control_median_ca_drop": statistics.median(cdrop) if cdrop else None,
             "control_worst_ca_drop": max(cdrop) if cdrop else None,
-            "median_seconds": statistics.median(r["cells"][d]["seconds"] for r in rows) if rows else None,
+            "median_seconds": statistics.median(r["cells"][d]["seconds"] for r in rows if d in r["cells"])
+            if asr or cdrop else None,
         }
     return {"scan": scan_summary, "defenses": per_defense}
 
@@ -195,11 +204,12 @@ def markdown(split, rows, agg, defenses, missing, cmd, seconds):
              "| scan | detected | false positives | AUROC | target right | median s |", "|---|---|---|---|---|---|",
              f"| {split} | {s['detected']}/{s['backdoored']} | {s['false_positives']}/{s['controls']} | "
              f"{_f(s['auroc'])} | {s['target_right']}/{s['detected']} | {_f(s['median_seconds'], '{:.0f}')} |", "",
-             f"| defense | ASR <= {ASR_OK:.0f}% | median ASR | worst ASR | median CA drop | worst CA drop | "
-             "controls: median CA drop | worst | median s |", "|---" * 9 + "|"]
+             f"| defense | measured on | ASR <= {ASR_OK:.0f}% | median ASR | worst ASR | median CA drop | worst CA drop | "
+             "controls: median CA drop | worst | median s |", "|---" * 10 + "|"]
     for d in defenses:
         a = agg["defenses"][d]
-        lines.append(f"| {LABELS.get(d, d)} | {_f(a['asr_ok_share'] and 100 * a['asr_ok_share'], '{:.0f}%')} | "
+        lines.append(f"| {LABELS.get(d, d)} | {a['backdoored_measured']}/{s['backdoored']} + "
+                     f"{a['controls_measured']}/{s['controls']} | {_f(a['asr_ok_share'] and 100 * a['asr_ok_share'], '{:.0f}%')} | "
                      f"{_f(a['median_asr'])} | {_f(a['worst_asr'])} | {_f(a['median_ca_drop'])} | "
                      f"{_f(a['worst_ca_drop'])} | {_f(a['control_median_ca_drop'])} | {_f(a['control_worst_ca_drop'])} | "
                      f"{_f(a['median_seconds'], '{:.0f}')} |")
@@ -210,7 +220,7 @@ def markdown(split, rows, agg, defenses, missing, cmd, seconds):
         sc = c["scan"]
         lines.append(f"| {r['name']} | {r['family']} | {r['target'] or '-'} | {r['kind']} | "
                      f"{c['none']['asr']:.1f} ({c['none']['ca']:.1f}) | {sc['verdict']} ({sc['suspected_target']}, "
-                     f"{sc['score']:.2f}) | " + " | ".join(f"{c[d]['asr']:.1f} ({c[d]['ca']:.1f})" for d in defenses) + " |")
+                     f"{sc['score']:.2f}) | " + " | ".join(f"{c[d]['asr']:.1f} ({c[d]['ca']:.1f})" if d in c else "-" for d in defenses) + " |")
     if missing:
         lines += ["", f"Not built yet (skipped): {', '.join(missing)}."]
     run = "tables from cached cells" if seconds is None else f"whole run {seconds:.0f} s"
@@ -228,7 +238,7 @@ def plot(rows, defenses, path, split):
     markers = dict(zip(defenses, "os^Dv"))
     for d in defenses:
         pts = [(r["cells"]["none"]["ca"] - r["cells"][d]["ca"], r["cells"][d]["asr"]) for r in rows
-               if r["kind"] == "backdoored"]
+               if r["kind"] == "backdoored" and d in r["cells"]]
         if pts:
             ax.scatter(*zip(*pts), marker=markers[d], label=LABELS.get(d, d), alpha=0.7)
     ax.axhline(ASR_OK, color="grey", lw=0.8, ls="--")
@@ -269,14 +279,14 @@ def main(argv=None):
     models = [m for m in models if m["checkpoint"] is not None]
     cache = results / "zoo" / split
     if args.cached_only:  # aggregate what earlier runs finished; list the rest as not run
-        cells_needed = ["none", "scan"] + args.defenses
+        cells_needed = ["none", "scan"] + args.defenses[:1]   # the first defense everywhere; others where measured
         done = [m for m in models if all((cache / m["name"] / f"{c}.json").is_file() for c in cells_needed)]
         missing += [m["name"] + " (not run yet)" for m in models if m not in done]
         models = done
     rows = []
     for m in models:
         cells = run_model(m, args.defenses, cache, shots, eval_limit, args.seed, args.quick, print,
-                          scan_cell=not args.skip_scan)
+                          scan_cell=not args.skip_scan, cached_only=args.cached_only)
         rows.append({"name": m["name"], "family": m.get("family", m.get("attack") or "clean"), "target": m["target"],
                      "kind": kind(m), "cells": cells})
     if args.skip_scan:

@@ -1,149 +1,210 @@
-"""One function per defense for engine.tune: tune on the clean few shots, measure CA/ASR after, return a
-runs.Tuned (numbers + what the run directory keeps). All share one signature:
+"""The defenses as a library: one registry, name -> Defense(config, tune), every tuner with one signature.
 
-    fn(args, job) -> runs.Tuned
+    cfg = purify.config("repair", "lab-vit", epochs=20)          # the defense's defaults + overrides
+    tuned = purify.tune("repair", clip, shots, text, cfg)        # a runs.Tuned; tuned.after still empty
+    tuned.after = purify.measure(tuned, clip, test, trigger, target, text)
 
-`job` is engine.tune.Job (model, few shots, test set, trigger, target, hand-written classifier, backend);
-`args` the engine.tune flags (--epochs and --lr override the defense's own defaults; for rvpt+cbpt they
-apply to the RVPT stage)."""
+`config(name, model, **overrides)` starts from the defense's own defaults (the paper's for real CLIP, its
+module's LAB_DEFAULTS for lab models); overrides that are None are ignored, so a CLI can pass every flag.
+The overrides are the knobs defenses share (GENERIC); anything else is a field of the config dataclass,
+set with dataclasses.replace. engine.tune parses its flags into these calls."""
 import time
-from dataclasses import replace
+from dataclasses import asdict, dataclass, field, replace
+from typing import Callable
 
 from . import prompted_vit
+from .data import DEFAULT_TEMPLATES
 from .defenses import cbpt, cleanclip, linear_probe, repair, rvpt
 from .evaluate import evaluate_attack
 from .runs import Tuned
 
-
-def _rvpt_config(args, alpha):
-    return rvpt.default_config(args.model, start=args.prompt_start, tokens=args.prompt_tokens, alpha=alpha,
-                               margin=args.margin, lr=args.lr, epochs=args.epochs, batch=args.batch,
-                               seed=args.seed, augment=args.augment)
+# overrides config() accepts: epochs (steps for cbpt/coop), lr, batch, seed, augment; RVPT's alpha and
+# margin; the visual prompts' tokens (b) and start (D)
+GENERIC = ("epochs", "lr", "batch", "seed", "augment", "alpha", "margin", "tokens", "start")
 
 
-def _after(job, encode=None, classifier=None, clip=None):
-    """CA/ASR/PA on the test set through the tuned encoder / classifier / model."""
-    text = job.text if classifier is None else classifier
-    return evaluate_attack(clip or job.clip, job.test, job.trigger, job.target, encode=encode, text=text)
+@dataclass
+class Options:
+    """How to run a tuner (not what it optimises)."""
+    backend: str = "shared"        # prompted-ViT implementation (engine.prompted_vit.BACKENDS)
+    progress: bool = True
+    log: Callable = None           # one-line progress notes (repair's detector), e.g. print
+    detection: dict = None         # repair: engine.inversion.detect's result on these shots, if computed
+    templates: list = field(default_factory=lambda: list(DEFAULT_TEMPLATES))   # cleanclip's classifier
 
 
-def _prompted_encoder(job, prompts):
-    """The tuned prompts' encoder for evaluation: `shared` for the naive backend (same numbers, faster)."""
-    return prompted_vit.encoder(job.clip.visual, prompts, "shared" if job.backend == "naive" else job.backend)
+@dataclass(frozen=True)
+class Defense:
+    config: Callable     # (model_name, **overrides) -> the defense's config dataclass
+    tune: Callable       # (clip, shots, text, cfg, Options) -> runs.Tuned with after = {}
+    summary: str
 
 
-def _tune_prompts(args, job, alpha):
-    """(prompts, prompted encoder for evaluation, config, history, seconds)."""
-    cfg = _rvpt_config(args, alpha)
-    t0 = time.time()
-    prompts, history = rvpt.tune(job.clip, job.train, job.text, cfg, job.backend, progress=not args.quiet)
-    seconds = time.time() - t0
-    return prompts, _prompted_encoder(job, prompts), cfg, history, seconds
+def _pick(overrides, *keys):
+    return {k: overrides[k] for k in keys if overrides.get(k) is not None}
 
 
-def _visual_prompts(args, job, alpha):
-    prompts, encode, cfg, history, seconds = _tune_prompts(args, job, alpha)
-    return Tuned("rvpt" if alpha != 0 else "vpt", _after(job, encode), seconds, prompted_vit.parameter_count(prompts),
-                 cfg.as_dict(), history, backend=job.backend, prompts=prompts, start=cfg.start)
+@dataclass
+class RvptCbptConfig:
+    rvpt: rvpt.RVPTConfig
+    cbpt: cbpt.CBPTConfig
+
+    def as_dict(self):
+        return asdict(self)
 
 
-def tune_rvpt(args, job):
-    return _visual_prompts(args, job, args.alpha)
+# ---------------------------------------------------------------- tuners
+
+def _visual_prompts(name):
+    def run(clip, shots, text, cfg, opts):
+        t0 = time.time()
+        prompts, history = rvpt.tune(clip, shots, text, cfg, opts.backend, progress=opts.progress)
+        return Tuned(name, {}, time.time() - t0, prompted_vit.parameter_count(prompts), cfg.as_dict(), history,
+                     backend=opts.backend, prompts=prompts, start=cfg.start)
+    return run
 
 
-def tune_vpt(args, job):
-    """Plain deep VPT: RVPT without the feature-repelling term (the ablation)."""
-    return _visual_prompts(args, job, 0.0)
-
-
-def _class_prompts(args, job, invert, encode=None, overrides=True):
-    cfg = cbpt.default_config(lr=args.lr if overrides else None, epochs=args.epochs if overrides else None,
-                              seed=args.seed, invert=invert)
-    t0 = time.time()
-    res = cbpt.tune(job.clip, job.train, job.text, cfg, progress=not args.quiet, encode=encode)
-    return res, cfg, time.time() - t0
-
-
-def _cbpt_tuned(name, res, cfg, seconds, after, **kw):
+def _cbpt_tuned(name, res, cfg, seconds, **kw):
     extra = {}
     if res["mask"] is not None:
         extra = {"inversion_loss_history": [round(x, 5) for x in res["inversion_history"]],
                  "mask_mean": round(res["mask"].mean().item(), 5)}
-    return Tuned(name, after, seconds, res["prompts"].ctx.numel(), cfg.as_dict(), res["history"],
+    return Tuned(name, {}, seconds, res["prompts"].ctx.numel(), cfg.as_dict(), res["history"],
                  classifier=res["text"], context=res["prompts"].ctx,
                  trigger=None if res["mask"] is None else (res["mask"], res["pattern"]), extra=extra, **kw)
 
 
-def _text_prompts(args, job, invert):
-    res, cfg, seconds = _class_prompts(args, job, invert)
-    return _cbpt_tuned("cbpt" if invert else "coop", res, cfg, seconds, _after(job, classifier=res["text"]))
+def _text_prompts(name):
+    def run(clip, shots, text, cfg, opts):
+        t0 = time.time()
+        res = cbpt.tune(clip, shots, text, cfg, progress=opts.progress)
+        return _cbpt_tuned(name, res, cfg, time.time() - t0)
+    return run
 
 
-def tune_cbpt(args, job):
-    return _text_prompts(args, job, invert=True)
-
-
-def tune_coop(args, job):
-    """CoOp: class-wise text prompts on clean CE only (CBPT without the inversion terms)."""
-    return _text_prompts(args, job, invert=False)
-
-
-def tune_rvpt_cbpt(args, job):
-    """RVPT's visual prompts first, then CBPT on the prompted image encoder (inversion and cached
-    features through the prompts); the run keeps both, and the export folds both."""
-    prompts, encode, rcfg, rhist, rsec = _tune_prompts(args, job, args.alpha)
-    res, ccfg, csec = _class_prompts(args, job, invert=True, encode=encode, overrides=False)
-    tuned = _cbpt_tuned("rvpt+cbpt", res, ccfg, rsec + csec, _after(job, encode, res["text"]),
-                        backend=job.backend, prompts=prompts, start=rcfg.start)
+def _rvpt_cbpt(clip, shots, text, cfg, opts):
+    """RVPT's visual prompts first, then CBPT on the prompted image encoder (inversion and cached features
+    through the prompts); the run keeps both, and the export folds both."""
+    t0 = time.time()
+    prompts, rhist = rvpt.tune(clip, shots, text, cfg.rvpt, opts.backend, progress=opts.progress)
+    res = cbpt.tune(clip, shots, text, cfg.cbpt, progress=opts.progress, encode=_encoder(prompts, opts.backend, clip))
+    tuned = _cbpt_tuned("rvpt+cbpt", res, cfg.cbpt, time.time() - t0, backend=opts.backend, prompts=prompts,
+                        start=cfg.rvpt.start)
     tuned.tuned_params += prompted_vit.parameter_count(prompts)
-    tuned.config = {"rvpt": rcfg.as_dict(), "cbpt": ccfg.as_dict()}
-    tuned.history = rhist + res["history"]
+    tuned.config, tuned.history = cfg.as_dict(), rhist + res["history"]
     tuned.extra["rvpt_epochs"] = len(rhist)
     return tuned
 
 
-def tune_linear_probe(args, job):
-    cfg = linear_probe.default_config(lr=args.lr, epochs=args.epochs, seed=args.seed)
+def _linear_probe(clip, shots, text, cfg, opts):
     t0 = time.time()
-    weight, history = linear_probe.tune(job.clip, job.train, cfg, progress=not args.quiet)
-    seconds = time.time() - t0
-    return Tuned("linear-probe", _after(job, classifier=weight), seconds, weight.numel(), cfg.as_dict(), history,
-                 classifier=weight)
+    weight, history = linear_probe.tune(clip, shots, cfg, progress=opts.progress)
+    return Tuned("linear-probe", {}, time.time() - t0, weight.numel(), cfg.as_dict(), history, classifier=weight)
 
 
-def tune_cleanclip(args, job):
-    cfg = cleanclip.default_config(args.model, lr=args.lr, epochs=args.epochs, seed=args.seed)
+def _cleanclip(clip, shots, text, cfg, opts):
     t0 = time.time()
-    tuned_clip, history = cleanclip.tune(job.clip, job.train, cfg, progress=not args.quiet)
-    seconds = time.time() - t0
-    # zero-shot through the fine-tuned text tower, with the run's templates
-    classifier = tuned_clip.text_features(job.test.classes, job.templates)
-    return Tuned("cleanclip", _after(job, classifier=classifier, clip=tuned_clip), seconds,
-                 prompted_vit.parameter_count(tuned_clip.model), cfg.as_dict(), history, model=tuned_clip.model)
+    tuned_clip, history = cleanclip.tune(clip, shots, cfg, progress=opts.progress)
+    # zero-shot through the fine-tuned text tower (measure() rebuilds the classifier with the run's templates)
+    return Tuned("cleanclip", {}, time.time() - t0, prompted_vit.parameter_count(tuned_clip.model), cfg.as_dict(),
+                 history, model=tuned_clip.model)
 
 
-def tune_repair(args, job):
+def _repair(clip, shots, text, cfg, opts):
     """Detect (mask, stripe and warp inversions on the shots), then distil deep visual prompts so the dummy
     trigger stops working; nothing is tuned when the detector reads the model clean."""
-    base = repair.RepairConfig()
-    cfg = replace(base, seed=args.seed, lr=args.lr or base.lr, epochs=args.epochs or base.epochs, batch=args.batch,
-                  augment=args.augment)
     t0 = time.time()
-    res = repair.tune(job.clip, job.train, job.text, cfg, job.backend, progress=not args.quiet,
-                      log=None if args.quiet else print, detection=job.detection)
-    seconds = time.time() - t0
+    res = repair.tune(clip, shots, text, cfg, opts.backend, progress=opts.progress, log=opts.log,
+                      detection=opts.detection)
     found = res["detection"]
     extra = {"detection": {"verdict": found["verdict"], "flagged_by": found["flagged_by"],
-                           "suspected_target": job.test.classes[found["suspected_target"]], "checks": found["checks"],
+                           "suspected_target": shots.classes[found["suspected_target"]], "checks": found["checks"],
                            "mask": found["mask"], "stripes": found["stripes"], "warp": found["warp"]},
              "repaired": res["prompts"] is not None}
     if res["prompts"] is None:
-        return Tuned("repair", _after(job), seconds, 0, cfg.as_dict(), [], extra=extra)
-    return Tuned("repair", _after(job, _prompted_encoder(job, res["prompts"])), seconds,
-                 prompted_vit.parameter_count(res["prompts"]), cfg.as_dict(),
-                 res["history"], backend=job.backend, prompts=res["prompts"], start=cfg.start, extra=extra)
+        return Tuned("repair", {}, time.time() - t0, 0, cfg.as_dict(), [], extra=extra)
+    return Tuned("repair", {}, time.time() - t0, prompted_vit.parameter_count(res["prompts"]), cfg.as_dict(),
+                 res["history"], backend=opts.backend, prompts=res["prompts"], start=cfg.start, extra=extra)
 
 
-DEFENSES = {"rvpt": tune_rvpt, "vpt": tune_vpt, "cbpt": tune_cbpt, "coop": tune_coop,
-            "rvpt+cbpt": tune_rvpt_cbpt, "linear-probe": tune_linear_probe, "cleanclip": tune_cleanclip,
-            "repair": tune_repair}
+# ---------------------------------------------------------------- configs
+
+def _rvpt_config(model, alpha=None, **o):
+    return rvpt.default_config(model, alpha=alpha, **_pick(o, "start", "tokens", "margin", "lr", "epochs", "batch",
+                                                           "seed", "augment"))
+
+
+def _cbpt_config(invert):
+    return lambda model, **o: cbpt.default_config(model, invert=invert, **_pick(o, "lr", "epochs", "seed"))
+
+
+def _rvpt_cbpt_config(model, **o):
+    # --epochs / --lr apply to the RVPT stage; CBPT keeps its own
+    return RvptCbptConfig(_rvpt_config(model, **o), cbpt.default_config(model, **_pick(o, "seed")))
+
+
+def _repair_config(model, **o):
+    return replace(repair.RepairConfig(), **_pick(o, "seed", "lr", "epochs", "batch", "augment"))
+
+
+DEFENSES = {
+    "repair": Defense(_repair_config, _repair, "detect the trigger, then distil deep visual prompts against it"),
+    "rvpt": Defense(_rvpt_config, _visual_prompts("rvpt"), "deep visual prompts, CE + feature repelling (RVPT)"),
+    "vpt": Defense(lambda model, **o: _rvpt_config(model, **{**o, "alpha": 0.0}), _visual_prompts("vpt"),
+                   "plain deep VPT: RVPT with alpha 0 (the ablation)"),
+    "cbpt": Defense(_cbpt_config(True), _text_prompts("cbpt"), "trigger inversion + class-wise text prompts (CBPT)"),
+    "coop": Defense(_cbpt_config(False), _text_prompts("coop"), "class-wise text prompts on clean CE (CoOp)"),
+    "rvpt+cbpt": Defense(_rvpt_cbpt_config, _rvpt_cbpt, "RVPT's visual prompts, then CBPT through them"),
+    "linear-probe": Defense(lambda model, **o: linear_probe.default_config(**_pick(o, "lr", "epochs", "seed")),
+                            _linear_probe, "a linear classifier on frozen features"),
+    "cleanclip": Defense(lambda model, **o: cleanclip.default_config(model, **_pick(o, "lr", "epochs", "seed")),
+                         _cleanclip, "fine-tune the whole CLIP on clean pairs (CleanCLIP)"),
+}
+
+
+def _defense(name):
+    if name not in DEFENSES:
+        raise ValueError(f"unknown defense {name!r}; one of {', '.join(sorted(DEFENSES))}")
+    return DEFENSES[name]
+
+
+def config(name, model="lab-vit", **overrides):
+    """The defense's config for `model` (lab defaults for lab-* models) with the GENERIC overrides applied."""
+    unknown = sorted(set(overrides) - set(GENERIC))
+    if unknown:
+        raise TypeError(f"config() takes the overrides {', '.join(GENERIC)}, not {', '.join(unknown)}; set other "
+                        f"fields with dataclasses.replace on the returned config")
+    return _defense(name).config(model, **overrides)
+
+
+def tune(name, clip, shots, text, cfg=None, options=None):
+    """Run defense `name` on the clean few-shot ImageSet `shots` with the zero-shot classifier `text` (K, E).
+    cfg: from config() (default: config(name)); options: Options. Returns a runs.Tuned with after = {}."""
+    defense = _defense(name)
+    return defense.tune(clip, shots, text, cfg if cfg is not None else config(name), options or Options())
+
+
+def _encoder(prompts, backend, clip):
+    """The tuned prompts' encoder for evaluation: `shared` for the naive backend (same numbers, faster)."""
+    return prompted_vit.encoder(clip.visual, prompts, "shared" if backend in ("naive", "torch") else backend)
+
+
+def tuned_view(tuned, clip, text, classes, templates=DEFAULT_TEMPLATES):
+    """(clip, encode, classifier) that classify as the tuned defense does: fine-tuned weights, then prompts,
+    then a tuned classifier, each where the defense has one."""
+    import dataclasses
+    encode = None
+    if tuned.model is not None:
+        clip = dataclasses.replace(clip, model=tuned.model)
+        text = clip.text_features(classes, templates)
+    if tuned.prompts is not None:
+        encode = _encoder(tuned.prompts, tuned.backend, clip)
+    if tuned.classifier is not None:
+        text = tuned.classifier
+    return clip, encode, text
+
+
+def measure(tuned, clip, test, trigger, target, text, templates=DEFAULT_TEMPLATES):
+    """CA/ASR/PA % on the test ImageSet through what the defense tuned."""
+    clip, encode, text = tuned_view(tuned, clip, text, test.classes, templates)
+    return evaluate_attack(clip, test, trigger, target, encode=encode, text=text)

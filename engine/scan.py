@@ -27,7 +27,7 @@ from .errors import UserError
 from .inversion import detect as det
 from .io import atomic_dir, check_creatable, occupied, save_png, write_json
 from .models import bundled_checkpoint, is_lab, load_model
-from .tune import resolve_device
+from .job import resolve_device
 
 # The inverted triggers are measured on the shots themselves by default, as the repair defense (which has
 # only the shots) does: the thresholds were chosen that way. --holdout N measures on N other images.

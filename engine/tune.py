@@ -12,67 +12,20 @@ prompts.safetensors, classifier.safetensors or model.safetensors) to --out. Noth
 --out unless the whole run succeeds.
 """
 import argparse
-import dataclasses
 import sys
 import time
-from dataclasses import dataclass
 from datetime import datetime
 
-import torch
 
-from . import data as D
-from . import prompted_vit, runs
+from . import prompted_vit, purify, runs
 from .cli import run_cli
 from .errors import UserError
 from .evaluate import evaluate_attack, predict
 from .io import atomic_dir, check_creatable, occupied, write_json
 from .metrics import clean_accuracy
-from .models import bundled_checkpoint, is_lab, load_model
+from .job import JobConfig, defend, pick_backend, prepare, resolve_device, resolve_target  # noqa: F401 (re-exported)
 from .purify import DEFENSES
-from .triggers import TRIGGERS, make_trigger
-from .triggers.spec import spec_trigger
-
-
-def pick_backend(fused, backend, device):
-    """--fused means the fastest path that exists here: Triton kernels on CUDA, `shared` torch on CPU."""
-    if backend:
-        if backend == "triton" and device.type != "cuda":
-            raise UserError("--backend triton needs a CUDA device (Triton kernels); use shared on the CPU")
-        return backend, f"{backend} (chosen with --backend)"
-    if fused and device.type == "cuda":
-        from kernels import triton_available
-        if triton_available():
-            return "triton", "triton (fused Triton kernels on CUDA)"
-        return "shared", "shared (torch prompt-aware path: triton is not importable)"
-    if fused:
-        return "shared", "shared (torch prompt-aware path; the Triton kernels need CUDA, so --fused is the shared path on the CPU)"
-    return "naive", "naive (torch.cat reference; pass --fused for the fast path)"
-
-
-def resolve_device(name):
-    """--device: auto, cpu, cuda or cuda:N -> torch.device; a UserError for anything else."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except (RuntimeError, ValueError) as e:  # "Invalid device string"
-        raise UserError(f"--device {name} is not a device: use cpu, cuda, cuda:N or auto") from e
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise UserError(f"--device {name} asked for, but CUDA is not available here")
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise UserError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
-    elif device.type != "cpu":
-        raise UserError(f"--device {name}: only cpu, cuda, cuda:N or auto are supported")
-    return device
-
-
-def resolve_target(target, classes):
-    if target.isdigit() and int(target) < len(classes):
-        return int(target)
-    if target not in classes:
-        raise UserError(f"target class '{target}' is not in the class list {classes}")
-    return classes.index(target)
+from .triggers import TRIGGERS
 
 
 def format_table(rows):
@@ -125,59 +78,19 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-@dataclass
-class Job:
-    """Everything a defense needs, loaded once from the flags (bench.defense_matrix reuses it)."""
-    clip: object
-    train: object             # the few-shot ImageSet
-    test: object
-    trigger: object
-    target: int
-    text: torch.Tensor        # hand-written zero-shot classifier (K, E) from `templates`
-    templates: list
-    backend: str
-    checkpoint: object
-    detection: object = None  # engine.inversion.detect's result on `train`, when already computed (bench.zoo)
-
-
-def prepare(args, log=print):
-    device = resolve_device(args.device)
-    backend, backend_note = pick_backend(args.fused, args.backend, device)
-    checkpoint = args.checkpoint
-    if checkpoint is None and args.pretrained is None and is_lab(args.model):
-        checkpoint = bundled_checkpoint(args.attack)
-    clip = load_model(args.model, args.pretrained, checkpoint, device)
-    train_all = D.load_dataset(args.dataset, "train", clip.image_size, args.data_dir)
-    test = D.load_dataset(args.dataset, "test", clip.image_size, args.data_dir, limit=args.eval_limit)
-    if train_all.classes != test.classes:
-        raise UserError(f"train and test class lists differ: {train_all.classes} vs {test.classes}")
-    if len(test.classes) < 2:
-        raise UserError(f"{args.dataset} has a single class {test.classes}: zero-shot classification and "
-                        f"ASR need at least two classes")
-    target = resolve_target(args.target, test.classes)
-    train = train_all.subset(D.few_shot_indices(train_all.labels, args.shots, args.seed, train_all.classes))
-    trigger = (make_trigger(args.attack, clip.image_size, args.trigger_seed) if args.trigger_spec is None
-               else spec_trigger(args.trigger_spec, clip.image_size))
-    log(f"model {args.model} ({checkpoint or args.pretrained or 'random weights'}) on {device}; "
-        f"backend {backend_note}")
-    log(f"{args.shots}-shot {args.dataset}: {len(train)} tuning images, {len(test)} test images; "
-        f"attack {args.attack} -> '{test.classes[target]}'")
-    text = clip.text_features(test.classes, D.DEFAULT_TEMPLATES)
-    return Job(clip, train, test, trigger, target, text, D.DEFAULT_TEMPLATES, backend, checkpoint)
-
-
 def shots_accuracy(job, tuned=None):
-    """CA % on the few tuning images: zero-shot (tuned=None), or through what the defense tuned, rebuilt
-    the way engine.purify evaluates it (fine-tuned weights, then prompts, then a tuned classifier)."""
-    clip, text, encode = job.clip, job.text, None
-    if tuned is not None and tuned.model is not None:
-        clip = dataclasses.replace(job.clip, model=tuned.model)
-        text = clip.text_features(job.test.classes, job.templates)
-    if tuned is not None and tuned.prompts is not None:
-        encode = prompted_vit.encoder(clip.visual, tuned.prompts, "shared" if job.backend == "naive" else job.backend)
-    if tuned is not None and tuned.classifier is not None:
-        text = tuned.classifier
+    """CA % on the few tuning images: zero-shot (tuned=None), or through what the defense tuned."""
+    clip, encode, text = job.clip, None, job.text
+    if tuned is not None:
+        clip, encode, text = purify.tuned_view(tuned, job.clip, job.text, job.test.classes, job.templates)
     return clean_accuracy(predict(clip, job.train.images, text, encode), job.train.labels)
+
+
+def defense_config(args):
+    """The --defense's config from the flags (engine.purify.config; flags left unset keep its defaults)."""
+    return purify.config(args.defense, args.model, epochs=args.epochs, lr=args.lr, batch=args.batch, seed=args.seed,
+                         augment=args.augment, alpha=args.alpha, margin=args.margin, tokens=args.prompt_tokens,
+                         start=args.prompt_start)
 
 
 # Tuning fits the few shots, so their CA should not fall far below zero-shot; when it does, the tuning
@@ -196,11 +109,12 @@ def divergence_warning(before, after, args):
 def run(args):
     t0 = time.time()
     out_dir = args.out or f"runs/{datetime.now():%Y%m%d-%H%M%S}"
-    job = prepare(args)
+    job = prepare(JobConfig.from_args(args))
     clip, test, target, checkpoint = job.clip, job.test, job.target, job.checkpoint
     before = evaluate_attack(clip, test, job.trigger, target, text=job.text)
     shots_before = shots_accuracy(job)
-    tuned = DEFENSES[args.defense](args, job)
+    tuned = defend(job, args.defense, defense_config(args), progress=not args.quiet,
+                   log=None if args.quiet else print)
     shots_after = shots_accuracy(job, tuned)
     warning = divergence_warning(shots_before, shots_after, args)
     if warning:

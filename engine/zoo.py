@@ -23,8 +23,10 @@ from .models import REPO_ROOT
 
 ZOO_DIR = REPO_ROOT / "checkpoints" / "zoo" / "models"
 FAMILIES = ("patch", "blend", "periodic", "warp", "optimised")
-SPLITS = {"dev": {"base": 10_000, "backdoored": 5, "clean": 1},
-          "test": {"base": 20_000, "backdoored": 20, "clean": 5}}
+# poisoned models per split (a backdoor that did not take makes its model a control, so the test split
+# poisons more than the 20 backdoored models it must hold) and clean controls
+SPLITS = {"dev": {"base": 10_000, "poisoned": 5, "clean": 1},
+          "test": {"base": 20_000, "poisoned": 26, "clean": 5}}
 
 
 def cache_dir():
@@ -60,7 +62,7 @@ def specs(split):
     """Every model of a split: name, seed, target (None for clean controls), trigger spec. Deterministic."""
     cfg = SPLITS[split]
     out = []
-    for i in range(cfg["backdoored"]):
+    for i in range(cfg["poisoned"]):
         rng = np.random.default_rng(cfg["base"] + i)
         family = FAMILIES[i % len(FAMILIES)]
         out.append({"name": f"{split}-{i:02d}-{family}", "split": split, "seed": cfg["base"] + i,

@@ -2,14 +2,13 @@
 import re
 from pathlib import Path
 
-import pytest
-
 ROOT = Path(__file__).resolve().parent.parent
 
 # the example's settings -> fast ones; each must be found, so an edit of the README cannot skip them
 SHRINK = {'D.load_fashion_mnist("train")': 'D.load_fashion_mnist("train", limit=3000)',
           'limit=2000': 'limit=200',
-          'repair.RepairConfig()': 'repair.RepairConfig(epochs=1, always=True, detect=_tiny_detect)'}
+          'purify.config("repair", "lab-vit")':
+              'replace(purify.config("repair", "lab-vit"), epochs=1, always=True, detect=_tiny_detect)'}
 
 
 def test_readme_api_example_runs(tmp_path, monkeypatch, capsys):
@@ -23,7 +22,8 @@ def test_readme_api_example_runs(tmp_path, monkeypatch, capsys):
     from engine.inversion.targeted import TargetedConfig
     tiny = DetectConfig(mask=TargetedConfig(steps=3), stripes=StripeConfig(steps=2))
     monkeypatch.chdir(tmp_path)
-    exec(compile(code, "README.md", "exec"), {"_tiny_detect": tiny})
+    from dataclasses import replace
+    exec(compile(code, "README.md", "exec"), {"_tiny_detect": tiny, "replace": replace})
     out = capsys.readouterr().out
     assert re.search(r"(backdoored|clean) towards \w", out) and "'asr'" in out
     assert (tmp_path / "purified.onnx").stat().st_size > 100_000

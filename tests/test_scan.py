@@ -66,16 +66,19 @@ def _decide(mask_anomaly, share, stripe_anomaly, gap=0.0):
 
 
 def test_verdict_on_backdoor_and_clean_like_numbers():
+    cfg = det.DetectConfig()
+    big_gap, an = cfg.min_mask_gap + 0.1, cfg.min_mask_anomaly
     assert _decide(10.0, 0.3, 1.0)[::2] == ("clean", None)         # an outlier, but the mask is not much smaller
-    assert _decide(10.0, 0.3, 1.0, gap=0.8)[::2] == ("backdoored", "mask")
-    assert _decide(1.0, 0.3, 1.0, gap=0.8)[::2] == ("clean", None)         # much smaller, but so are others
+    assert _decide(10.0, 0.3, 1.0, gap=big_gap)[::2] == ("backdoored", "mask")
+    assert _decide(an - 0.1, 0.3, 1.0, gap=big_gap)[::2] == ("clean", None)   # much smaller, but so are others
     assert _decide(1.0, 0.9, 6.0)[::2] == ("backdoored", "stripes")
     assert _decide(1.0, 0.9, 1.0)[::2] == ("clean", None)       # stripes push every class alike
     assert _decide(1.0, 0.3, 6.0)[::2] == ("clean", None)       # an outlier, but no class really reachable
     verdict, checks, _ = _decide(1.0, 0.3, 1.0)
     assert verdict == "clean" and set(checks) == {"mask_anomaly", "mask_gap", "stripe_share", "stripe_anomaly"}
     # a clearly smaller mask flags at a modest anomaly index (the other classes spread widely)
-    assert det.decide({"anomaly_index": 2.3, "log_gap": 0.6}, None, det.DetectConfig())[::2] == ("backdoored", "mask")
+    assert det.decide({"anomaly_index": an + 0.1, "log_gap": big_gap}, None, cfg)[::2] == ("backdoored", "mask")
+    assert det.decide({"anomaly_index": an + 0.1, "log_gap": cfg.min_mask_gap - 0.1}, None, cfg)[::2] == ("clean", None)
 
 
 def test_log_gap_is_the_log_ratio_to_the_median_of_the_others():

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from .. import prompted_vit
 from ..augment import augment
 from ..inversion import detect as det
-from ..inversion import targeted
+from ..inversion import LOGIT_SCALE, targeted
 from . import minibatch_epochs
 
 
@@ -29,6 +29,9 @@ class RepairConfig:
     refine_lam_factor: float = 4.0
     occluded_target: bool = False  # stamped triggers: distil T(x) towards f(x with the region noise-filled)
     mixup: bool = False          # also distil clean features on mixtures of two shots (more inputs, no labels)
+    adversarial: bool = True     # mask triggers: keep re-inverting the trigger against the prompted encoder
+    adv_lam: float = 0.05        # adversarial: mask-size weight of the trigger's objective (sum(m), px)
+    adv_lr: float = 0.02         # adversarial: Adam on the trigger's mask and pattern logits (0.1 cost more CA)
     start: int = 0               # D: unprompted leading blocks
     tokens: int = 16             # b: prompt tokens per block
     init_std: float = 0.02
@@ -49,10 +52,34 @@ def distill_loss(prompted, frozen):
     return (1 - F.cosine_similarity(prompted, frozen, dim=-1)).mean()
 
 
+class AdversarialMask:
+    """A stamped trigger that keeps adapting to the prompts being tuned: before each prompt step, one Adam
+    step on its mask and pattern towards CE(prompted logits, k) + adv_lam * sum(m), so the prompts must
+    defeat every small trigger near the inverted one, not just the one the inversion happened to find."""
+
+    def __init__(self, mask, pattern, k, text, cfg):
+        self.fam = targeted.MaskFamily(1, mask.shape[-1], None, None, mask.device, init=(mask[None], pattern[None]))
+        self.opt = torch.optim.Adam(self.fam.params, lr=cfg.adv_lr)
+        self.k, self.text, self.lam = k, text, cfg.adv_lam
+
+    def step(self, clip, prompts, x, backend):
+        z = prompted_vit.forward(clip.visual, prompts, clip.normalise(self.fam.apply(x)[0]), backend)["feature"]
+        logits = LOGIT_SCALE * F.normalize(z.float(), dim=-1) @ self.text.t()
+        loss = F.cross_entropy(logits, torch.full((len(x),), self.k, device=x.device)) + self.lam * self.fam.size().sum()
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward(inputs=self.fam.params)
+        self.opt.step()
+
+    def __call__(self, x):
+        with torch.no_grad():
+            return self.fam.apply(x)[0]
+
+
 def tune_prompts(clip, images, trigger, cfg, backend="shared", progress=True, neutral=None):
     """Deep visual prompts distilled from the frozen encoder on clean and T-triggered images. The
     triggered images' target is f(neutral(x)) (default f(x)): for a stamped trigger, the same region
-    filled with noise, so the prompts need not recover what the stamp hides, only ignore what it shows."""
+    filled with noise, so the prompts need not recover what the stamp hides, only ignore what it shows.
+    A `trigger` with a `step` method (AdversarialMask) is updated against the prompts before each step."""
     torch.manual_seed(cfg.seed)
     prompts = prompted_vit.VisualPrompts.for_visual(clip.visual, cfg.start, cfg.tokens, cfg.init_std).to(clip.device)
     opt = torch.optim.SGD(prompts.parameters(), lr=cfg.lr, momentum=cfg.momentum)
@@ -68,6 +95,8 @@ def tune_prompts(clip, images, trigger, cfg, backend="shared", progress=True, ne
         if cfg.mixup:
             lam = torch.rand(n, 1, 1, 1, generator=g).to(x)
             clean = torch.cat([x, lam * x + (1 - lam) * x[torch.randperm(n, generator=g).to(x.device)]])
+        if hasattr(trigger, "step"):
+            trigger.step(clip, prompts, x, backend)
         both = clip.normalise(torch.cat([clean, trigger(x)]))
         with torch.no_grad():
             target = clip.model.encode_image(both[:len(clean)])
@@ -95,9 +124,12 @@ def tune(clip, train, text, cfg, backend="shared", progress=True, log=None, dete
                 clip, train.images, train.labels, text, found["suspected_target"], m, p, cfg.detect.mask,
                 cfg.refine_lam_factor, cfg.refine_steps, progress)
         m, p = m.to(clip.device), p.to(clip.device)
-        trigger = lambda x: targeted.stamp(x, m, p)  # noqa: E731
+        trigger = AdversarialMask(m, p, found["suspected_target"], text.to(clip.device), cfg) if cfg.adversarial \
+            else lambda x: targeted.stamp(x, m, p)  # noqa: E731
         if cfg.occluded_target:
             g = torch.Generator(device=clip.device).manual_seed(cfg.seed + 1)
             neutral = lambda x: targeted.stamp(x, m, torch.rand(x.shape, generator=g, device=x.device))  # noqa: E731
     prompts, history = tune_prompts(clip, train.images, trigger, cfg, backend, progress, neutral)
+    if isinstance(trigger, AdversarialMask):
+        found["adversarial_mask_size"] = trigger.fam.size().item()
     return {"prompts": prompts, "detection": found, "history": history}

@@ -31,10 +31,10 @@ class DetectConfig:
     use_stripes: bool = True
     use_warps: bool = True
     # Cuts chosen on the zoo's dev split (bench/results/zoo_dev.json holds the evidence), measured on the
-    # shots: the clean controls' highest mask anomaly and stripe / warp shares sit below them.
-    min_mask_gap: float = 0.33          # log(median other class's mask / smallest mask) ...
-    min_mask_anomaly: float = 2.0       # ... and that smallest mask this many MADs below the others' (log sizes)
-    min_stripe_share: float = 0.6
+    # shots: the clean controls' largest mask gap and stripe / warp shares sit below them.
+    min_mask_gap: float = 0.9           # log(median other class's mask / smallest mask) ...
+    min_mask_anomaly: float = 1.5       # ... and that smallest mask this many MADs below the others' (log sizes)
+    min_stripe_share: float = 0.55
     min_stripe_anomaly: float = 2.0
     min_warp_share: float = 0.6
     min_warp_anomaly: float = 3.0
@@ -65,12 +65,15 @@ def mask_evidence(clip, few, text, cfg, probe, clean_pred, progress=False):
     t0 = time.time()
     (masks, patterns), sizes, _ = targeted.invert(clip, few.images, few.labels, text, cfg, progress=progress)
     k, anomaly = targeted.log_outlier(sizes)
-    trig = predict(clip, probe.images, text, transform=lambda x: targeted.stamp(x, masks[k].to(x), patterns[k].to(x)))
+    m, p, trigger_size = masks[k], patterns[k], sizes[k]
+    if cfg.strengthen_steps:
+        m, p, trigger_size = targeted.refine(clip, few.images, few.labels, text, k, m, p, cfg, lam_factor=1.0,
+                                             steps=cfg.strengthen_steps)
+    trig = predict(clip, probe.images, text, transform=lambda x: targeted.stamp(x, m.to(x), p.to(x)))
     share = flip_shares(probe.labels, clean_pred, trig, len(few.classes))[k]
     return {"target": few.classes[k], "target_index": k, "anomaly_index": anomaly, "target_share": share,
-            "log_gap": targeted.log_gap(sizes, k),
-            "mask_size": sizes[k], "sizes": dict(zip(few.classes, sizes)), "seconds": round(time.time() - t0, 2)}, \
-        (masks[k], patterns[k])
+            "log_gap": targeted.log_gap(sizes, k), "mask_size": sizes[k], "trigger_size": trigger_size,
+            "sizes": dict(zip(few.classes, sizes)), "seconds": round(time.time() - t0, 2)}, (m, p)
 
 
 def stripe_evidence(clip, few, text, cfg, probe, clean_pred, progress=False):

@@ -28,9 +28,9 @@ from . import LOGIT_SCALE
 @dataclass
 class StripeConfig:
     eps: float = 0.1       # max |delta|; SIG's own amplitude is 0.235, the zoo's periodic triggers 0.1-0.25
-    steps: int = 100       # 4 orientations x K classes x batch images a step: the detector's costliest part
+    steps: int = 50        # 4 orientations x K classes x batch images a step: the detector's costliest part
     lr: float = 0.1
-    batch: int = 16        # shots per step, shared by every (orientation, class) candidate
+    batch: int = 8         # shots per step, shared by every (orientation, class) candidate
     chunk: int = 512       # images per forward/backward; gradients accumulate over chunks
     seed: int = 0
 

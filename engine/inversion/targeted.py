@@ -25,7 +25,12 @@ class TargetedConfig:
     steps: int = 100
     batch: int = 16            # images of other classes per class and step
     lr: float = 0.1            # Adam on the mask and pattern logits
-    lam: float = 0.01          # weight of sum(m) (pixels) against the CE towards k
+    lam: float = 0.01          # weight of sum(m) (pixels) against the CE towards k (the start, if adaptive)
+    adaptive: bool = True      # Neural Cleanse's schedule: per class, raise lam while the batch reaches k, else lower it
+    success: float = 1.0       # adaptive: the batch share sent to k that counts as reaching it
+    lam_factor: float = 1.2    # adaptive: lam *= / /= this per step
+    strengthen_steps: int = 50  # the suspected target's trigger: continue at the starting lam (the smallest mask
+                                # that works is barely working; the repair needs one that does)
     mask_init: float = -3.0    # logit: m = sigmoid(-3) = 0.047 everywhere
     lr_additive: float = 0.01  # Adam on the additive perturbation
     lam_additive: float = 1.0  # weight of ||d||_2 against the CE towards k
@@ -144,6 +149,9 @@ def invert(clip, images, labels, text, cfg, classes=None, progress=False, encode
     lam = lam if lam is not None else {"mask": cfg.lam, "additive": cfg.lam_additive, "warp": 0.0}[family]
     opt = torch.optim.Adam(fam.params, lr={"mask": cfg.lr, "additive": cfg.lr_additive, "warp": cfg.lr_warp}[family])
     target = torch.tensor(classes, device=dev).repeat_interleave(B)
+    adaptive = cfg.adaptive and family == "mask" and init is None
+    lam = torch.full((K,), float(lam), device=dev)
+    best, prev = None, None   # adaptive: per class, the smallest trigger that reached k (size, result tensors)
     history = []
     bar = tqdm(range(steps or cfg.steps), desc=f"{family} inversion", file=sys.stderr, disable=not progress, mininterval=2)
     for step in bar:
@@ -151,13 +159,34 @@ def invert(clip, images, labels, text, cfg, classes=None, progress=False, encode
         x = fam.apply(images[idx]).flatten(0, 1)
         logits = LOGIT_SCALE * image_features(clip, x, encode) @ text.t()
         ce = F.cross_entropy(logits, target, reduction="none").view(K, B).mean(1)
-        loss = (ce + lam * fam.size()).sum()
+        size = fam.size()
+        if adaptive:  # the trigger before this step: does it reach k, and is it the smallest so far that does?
+            with torch.no_grad():
+                now = (logits.argmax(1) == target).view(K, B).float().mean(1) >= cfg.success
+                # a snapshot must reach k on two batches in a row: one lucky batch keeps too weak a trigger
+                reached = now & (prev if step else torch.zeros_like(now))
+                best = _keep_smallest(best, reached, size.detach(), fam.result())
+                lam, prev = torch.where(now, lam * cfg.lam_factor, lam / cfg.lam_factor), now
+        loss = (ce + lam * size).sum()
         history.append(descend(loss, opt, where=f"{family} trigger inversion step {step + 1}",
                                hint="lower the inversion lr or check the model and data") / K)
         bar.set_postfix(loss=f"{history[-1]:.3f}")
     with torch.no_grad():
-        sizes = fam.size().tolist()
-    return fam.result(), sizes, history
+        sizes, result = fam.size(), fam.result()
+    if best is not None:  # classes that never reached k keep their last trigger
+        sizes, result = best[0].where(torch.isfinite(best[0]), sizes), tuple(
+            b.where(torch.isfinite(best[0]).view(-1, *[1] * (b.dim() - 1)), r) for b, r in zip(best[1], result))
+    return result, sizes.tolist(), history
+
+
+def _keep_smallest(best, reached, size, result):
+    """Update (per-class best size, per-class result tensors) with the classes that reached k at a
+    smaller size; sizes start at inf (never reached)."""
+    if best is None:
+        best = (torch.full_like(size, float("inf")), tuple(r.clone() for r in result))
+    better = reached & (size < best[0])
+    sel = lambda t: better.view(-1, *[1] * (t.dim() - 1))  # noqa: E731
+    return best[0].where(~better, size), tuple(torch.where(sel(r), r, b) for r, b in zip(result, best[1]))
 
 
 def anomaly_low(values, k):
@@ -176,8 +205,8 @@ def log_outlier(sizes):
 
 
 def refine(clip, images, labels, text, k, mask, pattern, cfg, lam_factor=4.0, steps=100, progress=False):
-    """Tighten class k's inverted trigger: continue its optimisation alone with a `lam_factor` times larger
-    mask penalty, so the repair trains against a trigger closer to the true one's size."""
+    """Continue class k's inverted trigger alone with `lam_factor` times the starting mask penalty: above 1
+    it tightens the mask (closer to a true trigger's size), at 1 it strengthens a barely working one."""
     (m, p), sizes, _ = invert(clip, images, labels, text, cfg, classes=[k], init=(mask[None], pattern[None]),
                               lam=cfg.lam * lam_factor, steps=steps, progress=progress)
     return m[0], p[0], sizes[0]
