@@ -32,7 +32,9 @@ from export.runtime import OnnxClassifier, choose_providers
 from .common import command, interleaved_medians, latency_stats, machine
 
 MODELS = ("ViT-B-32", "lab-vit")
-TARGETS = {"ort_folded_vs_unprompted_b8": 1.10, "ort_folded_vs_eager_naive_throughput": 1.3}
+TARGETS = {"ort_folded_vs_unprompted_b8": 1.10, "ort_folded_vs_eager_naive_throughput": 1.3,
+           "ort_int8_vs_fp32_b8_speedup": 2.5}
+ORT_LABELS = {"prompted": "folded", "unprompted": "unprompted", "prompted-int8": "folded INT8"}
 
 
 def lab_setup(run):
@@ -59,13 +61,14 @@ def vit_b32_setup():
 
 
 def accuracy(meta, models, eval_limit, attack="badnet", target="bag"):
-    """CA/ASR per family: the run's recorded numbers, else measured here through ONNX Runtime."""
-    if meta is not None:
-        return {"unprompted": meta["before"], "prompted": meta["after"], "source": "recorded by the tuning run"}
+    """CA/ASR per family, measured here through each exported model in ONNX Runtime (so the INT8 export is
+    compared with the fp32 one on the same images); a run's recorded numbers are kept beside them."""
     data = D.load_dataset("fashion-mnist", "test", models["prompted"].image_size, limit=eval_limit)
     t = resolve_target(target, data.classes)
     out = {fam: evaluate(m, data, attack, t) for fam, m in models.items()}
     out["source"] = f"measured here through ONNX Runtime on {len(data)} test images, {attack} -> {target}"
+    if meta is not None:
+        out["recorded"] = {"unprompted": meta["before"], "prompted": meta["after"]}
     return out
 
 
@@ -81,7 +84,7 @@ def variants(clip, prompts, start, ort_models, device):
     if device.type == "cuda":
         out["eager triton"] = ("prompted", lambda x: prompted_vit.forward(visual, vp, x, "triton")["feature"])
     for (fam, provider), m in ort_models.items():
-        label = f"ORT {'folded' if fam == 'prompted' else 'unprompted'}" + (" CUDA" if provider == "cuda" else "")
+        label = f"ORT {ORT_LABELS[fam]}" + (" CUDA" if provider == "cuda" else "")
         out[label] = (fam, lambda x, m=m: m.run(x))
     return out
 
@@ -97,10 +100,13 @@ def bench_model(name, setup, batches, reps, device, tmp, eval_limit, threads):
         src = folded.build(clip, classes, templates, None if p is None else p.to(device), start)
         src.module.cpu()
         paths[fam] = export(src, Path(tmp) / f"{name}-{fam}.onnx", verify=False)["path"]
+        if p is not None:   # ONNX Runtime dynamic INT8 of the folded model (CPU provider)
+            paths["prompted-int8"] = export(src, Path(tmp) / f"{name}-prompted-int8.onnx", verify=False,
+                                            precision="int8")["path"]
     clip.model.to(device)
     providers = ["cpu"] + (["cuda"] if choose_providers()[0][0] == "CUDAExecutionProvider" else [])
     ort_models = {(fam, pr): OnnxClassifier(path, pr, threads, spinning=False)
-                  for fam, path in paths.items() for pr in providers}
+                  for fam, path in paths.items() for pr in providers if pr == "cpu" or fam != "prompted-int8"}
     fns = variants(clip, prompts.to(device), start, ort_models, device)
     rows = []
     for batch in batches:
@@ -131,6 +137,9 @@ def ratios(results):
         if ("ORT folded", 8) in by:
             out[f"{m}: ORT folded / ORT unprompted p50 latency, batch 8"] = \
                 by[("ORT folded", 8)]["p50_ms"] / by[("ORT unprompted", 8)]["p50_ms"]
+        if ("ORT folded INT8", 8) in by:
+            out[f"{m}: ORT folded INT8 speed-up over ORT folded fp32 (p50 latency), batch 8"] = \
+                by[("ORT folded", 8)]["p50_ms"] / by[("ORT folded INT8", 8)]["p50_ms"]
         for b in sorted({b for _, b in by}):
             out[f"{m}: ORT folded / eager naive throughput, batch {b}"] = \
                 by[("ORT folded", b)]["images_per_s"] / by[("eager naive", b)]["images_per_s"]
@@ -154,7 +163,8 @@ def markdown(results, ratio, info):
     lines += ["| ratio | value |", "|---|---|"] + [f"| {k} | {v:.3f} |" for k, v in ratio.items()]
     lines.append(f"\nTargets (ViT-B-32): ORT folded / ORT unprompted latency at batch 8 <= "
                  f"{TARGETS['ort_folded_vs_unprompted_b8']}x; ORT folded throughput >= "
-                 f"{TARGETS['ort_folded_vs_eager_naive_throughput']}x eager naive-prompted.")
+                 f"{TARGETS['ort_folded_vs_eager_naive_throughput']}x eager naive-prompted; ORT INT8 >= "
+                 f"{TARGETS['ort_int8_vs_fp32_b8_speedup']}x ORT fp32 at batch 8 (1 thread: --threads 1).")
     lines.append(f"\nMachine: {json.dumps(info)}")
     return "\n".join(lines) + "\n"
 

@@ -250,11 +250,24 @@ def plot(rows, defenses, path, split):
     save_figure(fig, path)
 
 
+def _shard(text):
+    try:
+        i, n = (int(v) for v in text.split("/"))
+    except ValueError:
+        raise SystemExit(f"--shard takes I/N (e.g. 0/2), not {text!r}")
+    if not 0 <= i < n:
+        raise SystemExit(f"--shard {text}: I must be in 0..N-1")
+    return i, n
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--split", default="test", choices=["dev", "test"])
     p.add_argument("--defenses", nargs="+", default=DEFENSE_ORDER, choices=sorted(DEFENSES))
     p.add_argument("--models", nargs="+", default=None, help="only these model names")
+    p.add_argument("--shard", default=None, metavar="I/N",
+                   help="run every N-th model from the I-th (0-based) only, e.g. two processes with 0/2 and 1/2; "
+                        "then --cached-only merges their cells into the tables")
     p.add_argument("--shots", type=int, default=16)
     p.add_argument("--eval-limit", type=int, default=2000, help="test images per model")
     p.add_argument("--seed", type=int, default=0)
@@ -275,6 +288,9 @@ def main(argv=None):
         models = (bundled_models() if split == "dev" else []) + zoo_models(split)
     if args.models:
         models = [m for m in models if m["name"] in args.models]
+    if args.shard:
+        i, n = _shard(args.shard)
+        models = models[i::n]
     missing = [m["name"] for m in models if m["checkpoint"] is None]
     models = [m for m in models if m["checkpoint"] is not None]
     cache = results / "zoo" / split
@@ -289,7 +305,7 @@ def main(argv=None):
                           scan_cell=not args.skip_scan, cached_only=args.cached_only)
         rows.append({"name": m["name"], "family": m.get("family", m.get("attack") or "clean"), "target": m["target"],
                      "kind": kind(m), "cells": cells})
-    if args.skip_scan:
+    if args.skip_scan or args.shard:   # a part of the run: the merging --cached-only run writes the tables
         return None
     agg = aggregate(rows, args.defenses)
     seconds, cmd = None if args.cached_only else round(time.time() - t0, 1), command("bench.zoo", argv)

@@ -8,7 +8,9 @@ def run_cli(main):
     try:
         main()
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
+        from . import distributed
+        where = f" (rank {distributed.rank()} of {distributed.world()})" if distributed.active() else ""
+        print(f"error{where}: {e}", file=sys.stderr)
         sys.exit(2)
     except OSError as e:  # unwritable --out, full disk, ...: the message names the path
         print(f"error: {e}", file=sys.stderr)

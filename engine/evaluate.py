@@ -4,7 +4,8 @@ import torch.nn.functional as F
 
 from .data import DEFAULT_TEMPLATES
 from .errors import UserError
-from .metrics import attack_success_rate, clean_accuracy, poisoned_accuracy
+from . import distributed
+from .metrics import attack_counts, attack_rates, clean_accuracy
 
 
 def image_features(clip, images, encode=None):
@@ -42,8 +43,7 @@ def evaluate_attack(clip, data, trigger, target, encode=None, text=None, templat
                         f"'{data.classes[target]}'; the test set needs images of other classes (a one-class "
                         f"data set, or an image limit that keeps only the target class)")
     text = clip.text_features(data.classes, templates) if text is None else text
-    clean = predict(clip, data.images, text, encode)
-    trig = predict(clip, data.images, text, encode, transform=trigger)
-    return {"ca": clean_accuracy(clean, data.labels),
-            "asr": attack_success_rate(trig, data.labels, target),
-            "pa": poisoned_accuracy(trig, data.labels)}
+    images, labels, _ = distributed.shard(data.images, data.labels)   # under torchrun: this rank's share
+    clean = predict(clip, images, text, encode)
+    trig = predict(clip, images, text, encode, transform=trigger)
+    return attack_rates(distributed.sum_counts(attack_counts(clean, trig, labels, target)))

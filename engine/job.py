@@ -9,7 +9,9 @@ from dataclasses import dataclass, fields
 import torch
 
 from . import data as D
-from . import purify
+from . import distributed, purify
+from . import precision as P
+from .evaluate import evaluate_attack
 from .errors import UserError
 from .models import bundled_checkpoint, is_lab, load_model
 from .triggers import make_trigger
@@ -33,6 +35,7 @@ class JobConfig:
     device: str = "auto"
     fused: bool = False               # fastest prompted-ViT path here (Triton on CUDA, shared on CPU)
     backend: str = None               # force one engine.prompted_vit backend
+    precision: str = "fp32"           # engine.precision: fp32, bf16, fp16 or auto (bf16 where native)
 
     @classmethod
     def from_args(cls, args):
@@ -94,13 +97,16 @@ class Job:
     backend: str
     checkpoint: object
     model: str = "lab-vit"   # the architecture name (selects each defense's lab or paper defaults)
+    tune_precision: str = "fp32"   # engine.precision, resolved for the device: tuning ...
+    eval_precision: str = "fp32"   # ... and evaluation
     detection: object = None  # engine.inversion.detect's result on `train`, when already computed (bench.zoo)
 
 
 def prepare(args, log=print):
     """Load the model, the few shots, the test set, the trigger and the zero-shot classifier of a JobConfig
     (or of engine.tune's parsed flags, which carry the same names)."""
-    device = resolve_device(args.device)
+    device = distributed.init(resolve_device(args.device))   # under torchrun: this rank's device
+    log = log if distributed.is_main() else (lambda *a: None)
     backend, backend_note = pick_backend(args.fused, args.backend, device)
     checkpoint = args.checkpoint
     if checkpoint is None and args.pretrained is None and is_lab(args.model):
@@ -122,7 +128,9 @@ def prepare(args, log=print):
     log(f"{args.shots}-shot {args.dataset}: {len(train)} tuning images, {len(test)} test images; "
         f"attack {args.attack} -> '{test.classes[target]}'")
     text = clip.text_features(test.classes, D.DEFAULT_TEMPLATES)
-    return Job(clip, train, test, trigger, target, text, D.DEFAULT_TEMPLATES, backend, checkpoint, args.model)
+    precision = getattr(args, "precision", "fp32")
+    return Job(clip, train, test, trigger, target, text, D.DEFAULT_TEMPLATES, backend, checkpoint, args.model,
+               P.resolve(precision, device, training=True), P.resolve(precision, device))
 
 
 def defend(job, name, cfg=None, progress=False, log=None):
@@ -130,7 +138,16 @@ def defend(job, name, cfg=None, progress=False, log=None):
     job's shots and measure it on the job's test set: a runs.Tuned whose `after` holds CA/ASR/PA."""
     opts = purify.Options(backend=job.backend, progress=progress, log=log, detection=job.detection,
                           templates=job.templates)
-    tuned = purify.tune(name, job.clip, job.train, job.text, cfg if cfg is not None else purify.config(name, job.model),
-                        opts)
-    tuned.after = purify.measure(tuned, job.clip, job.test, job.trigger, job.target, job.text, job.templates)
+    with P.autocast(job.tune_precision, job.clip.device):
+        tuned = purify.tune(name, job.clip, job.train, job.text,
+                            cfg if cfg is not None else purify.config(name, job.model), opts)
+    tuned.after = measure(job, tuned)
     return tuned
+
+
+def measure(job, tuned=None):
+    """CA/ASR/PA % on the job's test set, of the model as loaded (tuned=None) or as the defense tuned it."""
+    with P.autocast(job.eval_precision, job.clip.device):
+        if tuned is None:
+            return evaluate_attack(job.clip, job.test, job.trigger, job.target, text=job.text)
+        return purify.measure(tuned, job.clip, job.test, job.trigger, job.target, job.text, job.templates)

@@ -17,13 +17,14 @@ import time
 from datetime import datetime
 
 
-from . import prompted_vit, purify, runs
+from . import distributed, prompted_vit, purify, runs
+from . import precision as P
 from .cli import run_cli
 from .errors import UserError
-from .evaluate import evaluate_attack, predict
+from .evaluate import predict
 from .io import atomic_dir, check_creatable, occupied, write_json
 from .metrics import clean_accuracy
-from .job import JobConfig, defend, pick_backend, prepare, resolve_device, resolve_target  # noqa: F401 (re-exported)
+from .job import JobConfig, defend, measure, pick_backend, prepare, resolve_device, resolve_target  # noqa: F401
 from .purify import DEFENSES
 from .triggers import TRIGGERS
 
@@ -73,6 +74,10 @@ def parse_args(argv=None):
     t.add_argument("--prompt-start", type=int, default=None, help="D, unprompted leading blocks")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", help="cpu, cuda or auto")
+    p.add_argument("--precision", default="fp32", choices=P.CHOICES,
+                   help="the frozen model's matmuls: fp32; bf16 / fp16 (torch.autocast; prompts and losses stay "
+                        "fp32); auto = bf16 where native (AMX/AVX512-BF16 CPUs: evaluation only, their bf16 "
+                        "backward is slower; CUDA sm80+: everything)")
     p.add_argument("--out", default=None, help="run directory (default runs/<timestamp>); must not exist")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     return p.parse_args(argv)
@@ -109,22 +114,24 @@ def divergence_warning(before, after, args):
 def run(args):
     t0 = time.time()
     out_dir = args.out or f"runs/{datetime.now():%Y%m%d-%H%M%S}"
-    job = prepare(JobConfig.from_args(args))
+    job = prepare(JobConfig.from_args(args))       # under torchrun: joins the process group
+    main_rank = distributed.is_main()               # only rank 0 prints tables and writes the run directory
     clip, test, target, checkpoint = job.clip, job.test, job.target, job.checkpoint
-    before = evaluate_attack(clip, test, job.trigger, target, text=job.text)
+    before = measure(job)
     shots_before = shots_accuracy(job)
-    tuned = defend(job, args.defense, defense_config(args), progress=not args.quiet,
-                   log=None if args.quiet else print)
+    tuned = defend(job, args.defense, defense_config(args), progress=not args.quiet and main_rank,
+                   log=None if args.quiet or not main_rank else print)
     shots_after = shots_accuracy(job, tuned)
     warning = divergence_warning(shots_before, shots_after, args)
-    if warning:
+    if warning and main_rank:
         print(f"warning: {warning}", file=sys.stderr)
     results = {
         "defense": tuned.defense,
         "model": args.model, "checkpoint": str(checkpoint) if checkpoint else None, "pretrained": args.pretrained,
         "dataset": args.dataset, "classes": test.classes,
         "attack": args.attack, "target": test.classes[target], "shots": args.shots, "backend": tuned.backend,
-        "device": str(clip.device), "seconds": round(time.time() - t0, 2), "tune_seconds": round(tuned.seconds, 2),
+        "device": str(clip.device), "precision": {"tuning": job.tune_precision, "evaluation": job.eval_precision},
+        "ranks": distributed.world(), "seconds": round(time.time() - t0, 2), "tune_seconds": round(tuned.seconds, 2),
         "before": before, "after": tuned.after,
         "tuned_params": tuned.tuned_params, "total_params": prompted_vit.parameter_count(clip.model),
         "config": tuned.config, "loss_history": [round(x, 5) for x in tuned.history],
@@ -136,6 +143,8 @@ def run(args):
             "image_size": clip.image_size, "mean": list(clip.mean), "std": list(clip.std),
             "before": before, "after": tuned.after, "attack": args.attack, "target": test.classes[target],
             "defense": tuned.defense}
+    if not main_rank:
+        return results
     with atomic_dir(out_dir) as tmp:
         runs.write(tmp, tuned, meta)
         write_json(tmp / "results.json", results)
@@ -154,7 +163,7 @@ def check_args(args):
             raise UserError(f"--{flag.replace('_', '-')} must be at least 1, not {value}")
     if args.lr is not None and not args.lr > 0:
         raise UserError(f"--lr must be positive, not {args.lr}")
-    resolve_device(args.device)
+    P.resolve(args.precision, resolve_device(args.device))
     if args.out:
         if occupied(args.out):
             raise UserError(f"--out {args.out} already exists and is not empty")

@@ -31,6 +31,9 @@ from . import folded
 
 INPUT, OUTPUTS = "images", ("logits", "features")
 VERIFY_TOL = 1e-3  # an export bug gives O(1) errors; float reordering gives ~1e-6
+PRECISIONS = ("fp32", "fp16", "int8")
+# fp16 / int8 graphs differ from torch by rounding, not by bugs: their check is the features' cosine
+LOW_PRECISION_MIN_COS = 0.99
 
 
 def check_writable(path):
@@ -115,8 +118,10 @@ def check_finite(module, example):
             raise UserError(f"the model's {name} on a test batch are not finite (nan/inf); nothing written")
 
 
-def _verify(module, path, size):
-    """ORT vs the torch module on a batch size the exporter never saw (checks the dynamic batch too)."""
+def _verify(module, path, size, precision="fp32"):
+    """ORT vs the torch module on a batch size the exporter never saw (checks the dynamic batch too).
+    fp32: max abs difference of both outputs <= VERIFY_TOL; fp16/int8: features' cosine >= LOW_PRECISION_MIN_COS.
+    Returns the max abs difference (fp32) or the smallest cosine."""
     import onnxruntime as ort
     x = torch.randn(3, 3, size, size, generator=torch.Generator().manual_seed(0))
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
@@ -127,23 +132,49 @@ def _verify(module, path, size):
         if not (torch.isfinite(w).all() and np.isfinite(g).all()):
             raise UserError(f"{name} are not finite (nan/inf) in {'torch' if not torch.isfinite(w).all() else 'ONNX Runtime'} "
                             f"on a test batch; nothing written")
+    if precision != "fp32":
+        cos = float(torch.nn.functional.cosine_similarity(torch.from_numpy(got[1]).float(), want[1], dim=-1).min())
+        if not cos >= LOW_PRECISION_MIN_COS:
+            raise UserError(f"the {precision} graph's features disagree with torch (min cosine {cos:.4f} < "
+                            f"{LOW_PRECISION_MIN_COS}); nothing written")
+        return cos
     diff = max(float((torch.from_numpy(g) - w).abs().max()) for g, w in zip(got, want))
     if not diff <= VERIFY_TOL:  # also a NaN difference
         raise UserError(f"exported graph disagrees with torch (max abs diff {diff:.2e}); nothing written")
     return diff
 
 
-def export(source, out, exporter="auto", opset=None, verify=True):
-    """Write source.module to `out` atomically; returns a summary dict."""
+def export(source, out, exporter="auto", opset=None, verify=True, precision="fp32"):
+    """Write source.module to `out` atomically; returns a summary dict. precision: fp32, fp16 (weights and
+    activations in half, inputs/outputs fp32; for the CUDA provider) or int8 (ONNX Runtime dynamic
+    quantisation of the MatMul/Gemm weights, QInt8; activations quantised per batch at run time)."""
+    if precision not in PRECISIONS:
+        raise UserError(f"precision {precision!r}: one of {', '.join(PRECISIONS)}")
     missing = check_writable(out)
     try:
-        return _export(source, out, exporter, opset, verify)
+        return _export(source, out, exporter, opset, verify, precision)
     except BaseException:
         _remove_created(missing, out)
         raise
 
 
-def _export(source, out, exporter, opset, verify):
+def _lower_precision(path, precision):
+    """Rewrite the fp32 graph at `path` in place as fp16 or int8."""
+    import onnx
+    if precision == "int8":
+        from onnxruntime.quantization import QuantType, quantize_dynamic
+        q = path.with_name(path.name + ".int8")
+        try:
+            quantize_dynamic(str(path), str(q), weight_type=QuantType.QInt8)
+            q.replace(path)
+        finally:
+            q.unlink(missing_ok=True)
+    elif precision == "fp16":
+        from onnxruntime.transformers.float16 import convert_float_to_float16
+        onnx.save(convert_float_to_float16(onnx.load(str(path)), keep_io_types=True), str(path))
+
+
+def _export(source, out, exporter, opset, verify, precision="fp32"):
     import onnx
     t0 = time.time()
     size = source.clip.image_size
@@ -156,11 +187,14 @@ def _export(source, out, exporter, opset, verify):
         del model.metadata_props[:]
         for k, v in metadata(source, used).items():
             model.metadata_props.add(key=k, value=v)
+        model.metadata_props.add(key="precision", value=precision)
         onnx.checker.check_model(model, full_check=True)
         onnx.save(model, str(tmp))
-        diff = _verify(module, tmp, size) if verify else None
+        _lower_precision(Path(tmp), precision)
+        diff = _verify(module, tmp, size, precision) if verify else None
         opset_used = max(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
-    return {"path": str(out), "exporter": used, "opset": opset_used, "max_abs_diff": diff,
+    key = "max_abs_diff" if precision == "fp32" else "min_feature_cosine"
+    return {"path": str(out), "exporter": used, "opset": opset_used, key: diff, "precision": precision,
             "seconds": round(time.time() - t0, 1), "bytes": Path(out).stat().st_size}
 
 
@@ -200,6 +234,8 @@ def parse_args(argv=None):
     p.add_argument("--exporter", choices=["auto", "dynamo", "legacy"], default="auto")
     p.add_argument("--opset", type=int, default=None, help="ONNX opset (default: the exporter's, >= 17)")
     p.add_argument("--no-verify", action="store_true", help="skip the ONNX Runtime vs torch check")
+    p.add_argument("--precision", choices=PRECISIONS, default="fp32",
+                   help="fp32; fp16 (for the CUDA provider); int8 (ONNX Runtime dynamic quantisation, CPU)")
     return p.parse_args(argv)
 
 
@@ -217,10 +253,12 @@ def main(argv=None):
         raise UserError(f"{'--out ' if args.out else ''}{out} already exists; remove it or give another --out")
     source = unprompted_source(args) if args.unprompted else \
         folded.from_run(args.run, args.model, args.checkpoint, args.pretrained)
-    res = export(source, out, args.exporter, args.opset, not args.no_verify)
+    res = export(source, out, args.exporter, args.opset, not args.no_verify, args.precision)
     m = source.module
     what = f"prompted (D={m.start}, b={m.prompt_tokens})" if m.prompt_tokens else "unprompted"
-    check = "" if res["max_abs_diff"] is None else f"; ORT vs torch max abs diff {res['max_abs_diff']:.1e}"
+    check = "" if res.get("max_abs_diff") is None else f"; ORT vs torch max abs diff {res['max_abs_diff']:.1e}"
+    if res.get("min_feature_cosine") is not None:
+        check = f"; {args.precision}: ORT vs torch min feature cosine {res['min_feature_cosine']:.5f}"
     print(f"wrote {res['path']}: {source.info.get('model')} {what}, {len(source.classes)} classes, "
           f"{res['bytes'] / 1e6:.1f} MB, {res['exporter']} exporter, opset {res['opset']}, {res['seconds']} s{check}")
     return res

@@ -15,7 +15,7 @@ from engine.cli import run_cli
 from engine.errors import UserError
 from engine.evaluate import evaluate_attack
 from engine.triggers import TRIGGERS, make_trigger
-from engine.tune import resolve_target
+from engine.job import resolve_target
 
 from .runtime import PROVIDERS, OnnxClassifier
 

@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 import torch.nn.functional as F
 
-from .. import prompted_vit
+from .. import distributed, prompted_vit
 from ..augment import augment
 from ..inversion import detect as det
 from ..inversion import LOGIT_SCALE, targeted
@@ -91,22 +91,28 @@ def tune_prompts(clip, images, trigger, cfg, backend="shared", progress=True, ne
     def loss_of(b):
         x = augment(images[b], g) if cfg.augment else images[b]
         n = len(x)
-        clean = x
+        mixed = []
         if cfg.mixup:
             lam = torch.rand(n, 1, 1, 1, generator=g).to(x)
-            clean = torch.cat([x, lam * x + (1 - lam) * x[torch.randperm(n, generator=g).to(x.device)]])
-        if hasattr(trigger, "step"):
+            mixed = [lam * x + (1 - lam) * x[torch.randperm(n, generator=g).to(x.device)]]
+        if hasattr(trigger, "step"):   # on the whole batch, on every rank alike (not sharded)
             trigger.step(clip, prompts, x, backend)
-        both = clip.normalise(torch.cat([clean, trigger(x)]))
+        triggered = trigger(x)
+        hidden = x if neutral is None else neutral(x)
+        # every random draw above was made for the whole batch; under torchrun each rank takes its share
+        x, triggered, hidden, *mixed, weight = distributed.shard(x, triggered, hidden, *mixed)
+        clean = torch.cat([x, *mixed])
+        both = clip.normalise(torch.cat([clean, triggered]))
         with torch.no_grad():
             target = clip.model.encode_image(both[:len(clean)])
-            target_t = target[:n] if neutral is None else clip.model.encode_image(clip.normalise(neutral(x)))
+            target_t = target[:len(x)] if neutral is None else clip.model.encode_image(clip.normalise(hidden))
         z = prompted_vit.forward(clip.visual, prompts, both, backend)["feature"]
-        return (cfg.w_clean * distill_loss(z[:len(clean)], target)
-                + cfg.w_trigger * distill_loss(z[len(clean):], target_t))
+        return weight * (cfg.w_clean * distill_loss(z[:len(clean)], target)
+                         + cfg.w_trigger * distill_loss(z[len(clean):], target_t))
 
     history = minibatch_epochs(n, cfg.batch, cfg.epochs, g, loss_of, opt, sched, desc="repair prompts",
-                               hint=f"lower the repair lr (now {cfg.lr})", progress=progress, device=clip.device)
+                               hint=f"lower the repair lr (now {cfg.lr})", progress=progress, device=clip.device,
+                               sharded=distributed.active())
     return prompts.requires_grad_(False), history
 
 

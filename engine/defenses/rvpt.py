@@ -9,7 +9,7 @@ import torch
 
 from kernels.reference import repel_ce_loss_reference as rvpt_loss  # L_CE + alpha * L_FR, torch only
 
-from .. import prompted_vit
+from .. import distributed, prompted_vit
 from ..augment import augment
 from . import minibatch_epochs
 
@@ -75,10 +75,11 @@ def tune(clip, train, text, cfg, backend="shared", progress=True):
     g = torch.Generator().manual_seed(cfg.seed)
 
     def loss_of(b):
-        x = augment(images[b], g) if cfg.augment else images[b]
-        return rvpt_step_loss(clip, prompts, x, labels[b], text, cfg, backend)
+        x = augment(images[b], g) if cfg.augment else images[b]   # the whole batch on every rank: same draws
+        x, y, weight = distributed.shard(x, labels[b])
+        return weight * rvpt_step_loss(clip, prompts, x, y, text, cfg, backend)
 
     history = minibatch_epochs(n, cfg.batch, cfg.epochs, g, loss_of, opt, sched, desc="rvpt",
                                hint=f"lower --lr (now {cfg.lr}) or check the model and data",
-                               progress=progress, device=clip.device)
+                               progress=progress, device=clip.device, sharded=distributed.active())
     return prompts.requires_grad_(False), history

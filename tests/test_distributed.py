@@ -1,0 +1,45 @@
+"""torchrun with gloo on the CPU: 2 ranks give one process's results (same global batch and seed)."""
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from engine import distributed, tune
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_bounds_split_every_item_once():
+    assert distributed.bounds(7) == (0, 7) and distributed.shard(torch.arange(5))[1] == 1.0
+
+
+ARGS = ["--defense", "rvpt", "--fused", "--epochs", "2", "--shots", "3", "--eval-limit", "300", "--quiet"]
+
+
+@pytest.mark.slow
+def test_two_gloo_ranks_tune_and_evaluate_like_one_process(tmp_path):
+    one = tmp_path / "one"
+    tune.main(ARGS + ["--out", str(one)])
+    two = tmp_path / "two"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                           "--master_port", str(_free_port()), "-m", "engine.tune", *ARGS, "--out", str(two)],
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    a, b = (json.loads((d / "results.json").read_text()) for d in (one, two))
+    assert b["ranks"] == 2 and a["ranks"] == 1
+    assert a["before"] == b["before"]                      # counts summed over ranks: identical
+    assert a["after"] == b["after"]
+    assert a["loss_history"] == pytest.approx(b["loss_history"], rel=1e-5)
+    pa, pb = (load_file(str(d / "prompts.safetensors")) for d in (one, two))
+    for k in pa:
+        torch.testing.assert_close(pa[k], pb[k], atol=1e-5, rtol=1e-5)
