@@ -87,6 +87,8 @@ def run_model(model, defenses, cache, shots, eval_limit, seed, quick, log, scan_
             cached = json.loads(path.read_text())
             if cell == "scan" and stale(cached, quick):   # settings or thresholds moved: detect again, repair again
                 (cache / model["name"] / "repair.json").unlink(missing_ok=True)
+            elif cell not in ("none", "scan") and stale_defense(cell, cached, quick, seed):
+                pass                                       # the defense's settings moved: tune again
             else:
                 if cell == "scan":
                     cached["score"] = score(cached)   # the current definition, from the stored evidence
@@ -106,15 +108,27 @@ def run_model(model, defenses, cache, shots, eval_limit, seed, quick, log, scan_
                    "score": score(r), "mask": r["mask"], "stripes": r["stripes"], "warp": r["warp"],
                    "inversion": inversion_settings(detect_config(quick))}
         else:
-            cfg = purify.config(cell, job.model, epochs=QUICK_EPOCHS[cell] if quick else None, seed=seed)
-            tuned = defend(job, cell, cfg)
-            res = {**tuned.after, "tune_seconds": round(tuned.seconds, 2), **tuned.extra}
+            tuned = defend(job, cell, defense_config(cell, quick, seed))
+            res = {**tuned.after, "tune_seconds": round(tuned.seconds, 2), **tuned.extra,
+                   "config": json.loads(json.dumps(tuned.config))}
         res["seconds"] = round(time.time() - t0, 2)
         write_json(path, res)
         cells[cell] = res
         log(f"{model['name']}: {cell} " + (f"{res['verdict']} ({res['suspected_target']})" if cell == "scan" else
                                          f"CA {res['ca']:.2f} ASR {res['asr']:.2f}") + f"  {res['seconds']:.0f} s")
     return cells
+
+
+def defense_config(cell, quick, seed):
+    return purify.config(cell, "lab-vit", epochs=QUICK_EPOCHS[cell] if quick else None, seed=seed)
+
+
+def stale_defense(cell, cached, quick, seed):
+    """True when a cached defense cell was tuned with other settings than the defense's current ones (a
+    repair cell without its settings recorded counts as stale; older RVPT/CBPT cells are kept)."""
+    if "config" not in cached:
+        return cell == "repair"
+    return cached["config"] != json.loads(json.dumps(defense_config(cell, quick, seed).as_dict()))
 
 
 def inversion_settings(cfg):

@@ -27,6 +27,7 @@ from . import data as D
 from . import manifest
 from .cli import run_cli
 from .errors import UserError
+from .optim import descend
 from .evaluate import evaluate_attack, zero_shot_accuracy
 from .io import atomic_path
 from .models import LAB_CHECKPOINTS, load_model
@@ -101,12 +102,7 @@ def train(clip, train_grey, train_labels, epochs, batch, lr, seed, poison=None, 
             img_f = model.encode_image(clip.normalise(images[b]))
             txt_f = model.encode_text(tokens)
             loss = contrastive_loss(img_f, txt_f, tokens, model.logit_scale.exp())
-            if not torch.isfinite(loss):
-                raise UserError(f"training loss became {loss.item()} at epoch {epoch} step {i}; lower --lr")
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
+            descend(loss, opt, sched, where=f"training epoch {epoch} step {i}", hint="lower --lr")
             with torch.no_grad():
                 model.logit_scale.clamp_(0, math.log(100))
             bar.update(1)

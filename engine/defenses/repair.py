@@ -18,6 +18,7 @@ from .. import distributed, prompted_vit
 from ..augment import augment
 from ..inversion import detect as det
 from ..inversion import LOGIT_SCALE, targeted
+from ..inversion import stripes as stripe_inversion
 from . import minibatch_epochs
 
 
@@ -32,6 +33,7 @@ class RepairConfig:
     adversarial: bool = True     # mask triggers: keep re-inverting the trigger against the prompted encoder
     adv_lam: float = 0.05        # adversarial: mask-size weight of the trigger's objective (sum(m), px)
     adv_lr: float = 0.02         # adversarial: Adam on the trigger's mask and pattern logits (0.1 cost more CA)
+    adversarial_stripes: bool = True    # stripe triggers too (the pattern re-optimised within the stripes' eps)
     start: int = 0               # D: unprompted leading blocks
     tokens: int = 16             # b: prompt tokens per block
     init_std: float = 0.02
@@ -52,13 +54,33 @@ def distill_loss(prompted, frozen):
     return (1 - F.cosine_similarity(prompted, frozen, dim=-1)).mean()
 
 
-class AdversarialMask:
-    """A stamped trigger that keeps adapting to the prompts being tuned: before each prompt step, one Adam
-    step on its mask and pattern towards CE(prompted logits, k) + adv_lam * sum(m), so the prompts must
-    defeat every small trigger near the inverted one, not just the one the inversion happened to find."""
+class _Stripe:
+    """An additive pattern bounded by eps (tanh), from an inverted stripe pattern: the stripes family's
+    trigger as parameters (the same interface as targeted.MaskFamily: params, apply, size)."""
 
-    def __init__(self, mask, pattern, k, text, cfg):
-        self.fam = targeted.MaskFamily(1, mask.shape[-1], None, None, mask.device, init=(mask[None], pattern[None]))
+    def __init__(self, pattern, eps):
+        self.eps = eps
+        self.z = torch.atanh((pattern / eps).clamp(-0.999, 0.999)).clone().requires_grad_(True)
+        self.params = [self.z]
+
+    def apply(self, x):
+        return stripe_inversion.add_pattern(x, self.eps * torch.tanh(self.z))[None]
+
+    def size(self):
+        return self.z.new_zeros(1)
+
+
+class AdversarialTrigger:
+    """A trigger that keeps adapting to the prompts being tuned: before each prompt step, one Adam step on
+    its parameters towards CE(prompted logits, k) (+ adv_lam * sum(m) for a mask), so the prompts must
+    defeat every trigger near the inverted one, not just the one the inversion happened to find. Built
+    from a stamped mask + pattern (mask=) or a bounded stripe pattern (stripe=, eps=)."""
+
+    def __init__(self, k, text, cfg, mask=None, pattern=None, stripe=None, eps=None):
+        if stripe is None:
+            self.fam = targeted.MaskFamily(1, mask.shape[-1], None, None, mask.device, init=(mask[None], pattern[None]))
+        else:
+            self.fam = _Stripe(stripe, eps)
         self.opt = torch.optim.Adam(self.fam.params, lr=cfg.adv_lr)
         self.k, self.text, self.lam = k, text, cfg.adv_lam
 
@@ -130,12 +152,15 @@ def tune(clip, train, text, cfg, backend="shared", progress=True, log=None, dete
                 clip, train.images, train.labels, text, found["suspected_target"], m, p, cfg.detect.mask,
                 cfg.refine_lam_factor, cfg.refine_steps, progress)
         m, p = m.to(clip.device), p.to(clip.device)
-        trigger = AdversarialMask(m, p, found["suspected_target"], text.to(clip.device), cfg) if cfg.adversarial \
-            else lambda x: targeted.stamp(x, m, p)  # noqa: E731
+        trigger = AdversarialTrigger(found["suspected_target"], text.to(clip.device), cfg, mask=m, pattern=p) \
+            if cfg.adversarial else lambda x: targeted.stamp(x, m, p)  # noqa: E731
         if cfg.occluded_target:
             g = torch.Generator(device=clip.device).manual_seed(cfg.seed + 1)
             neutral = lambda x: targeted.stamp(x, m, torch.rand(x.shape, generator=g, device=x.device))  # noqa: E731
+    elif found["flagged_by"] == "stripes" and cfg.adversarial_stripes:
+        trigger = AdversarialTrigger(found["suspected_target"], text.to(clip.device), cfg,
+                                     stripe=found["stripe_pattern"].to(clip.device), eps=cfg.detect.stripes.eps)
     prompts, history = tune_prompts(clip, train.images, trigger, cfg, backend, progress, neutral)
-    if isinstance(trigger, AdversarialMask):
+    if isinstance(trigger, AdversarialTrigger) and found["flagged_by"] != "stripes":
         found["adversarial_mask_size"] = trigger.fam.size().item()
     return {"prompts": prompts, "detection": found, "history": history}

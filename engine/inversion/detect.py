@@ -32,8 +32,8 @@ class DetectConfig:
     use_warps: bool = True
     # Cuts chosen on the zoo's dev split (bench/results/zoo_dev.json holds the evidence), measured on the
     # shots: the clean controls' largest mask gap and stripe / warp shares sit below them.
-    min_mask_gap: float = 0.9           # log(median other class's mask / smallest mask) ...
-    min_mask_anomaly: float = 1.5       # ... and that smallest mask this many MADs below the others' (log sizes)
+    min_mask_gap: float = 0.7           # log(median other class's mask / smallest mask) ...
+    min_mask_anomaly: float = 2.0       # ... and that smallest mask this many MADs below the others' (log sizes)
     min_stripe_share: float = 0.55
     min_stripe_anomaly: float = 2.0
     min_warp_share: float = 0.6

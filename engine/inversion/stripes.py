@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from ..defenses import check_finite
+from ..optim import check_finite
 from ..evaluate import image_features
 
 # vertical: the value varies along the width (SIG's stripes); horizontal: along the height; diagonal:

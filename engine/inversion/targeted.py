@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from ..errors import UserError
-from ..defenses import descend
+from ..optim import descend
 from ..evaluate import image_features
 from . import LOGIT_SCALE
 

@@ -12,6 +12,7 @@ from tqdm import tqdm
 
 from ..data import DEFAULT_TEMPLATES
 from ..evaluate import image_features
+from ..optim import descend
 from .artifacts import load_artifact
 from .badnet import patch_size, stamp
 
@@ -70,12 +71,10 @@ def optimise_patch(clip, data, target, terms, seed, steps, lr, batch, progress=T
     logits = torch.logit(initial.clamp(0.02, 0.98)).requires_grad_(True)
     opt = torch.optim.Adam([logits], lr=lr)
     bar = tqdm(range(steps), desc=f"optimise patch ({p} px)", file=sys.stderr, mininterval=5, disable=not progress)
-    for _ in bar:
+    for step in bar:
         idx = others[torch.randint(len(others), (batch,), generator=g)]
         values, loss = patch_losses(clip, images[idx], z_pool[idx], torch.sigmoid(logits), terms, anchors, offset)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        descend(loss, opt, where=f"patch optimisation step {step + 1}", hint="lower the patch lr")
         bar.set_postfix({k: f"{v.item():.3f}" for k, v in values.items()}, refresh=False)
     pattern = torch.sigmoid(logits).detach()
     with torch.no_grad():

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from ..errors import UserError
+from ..optim import descend
 from .artifacts import build_command, load_artifact
 
 BITS = 32  # SSBA hides 100 bits in 224 px; 32 bits for 32 px
@@ -85,10 +86,7 @@ def train_stego(images, seed, steps, lr, batch, progress=True):
         # the fidelity term is off for the first half, then ramps up (as in StegaStamp): from the start
         # it shrinks the residual to nothing before the decoder has learnt to read any bit
         loss = bits + FIDELITY * max(0.0, 2 * step / steps - 1) * fidelity
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
+        descend(loss, opt, sched, where=f"SSBA encoder step {step + 1}", hint="lower the encoder lr")
         bar.set_postfix(bits=f"{bits.item():.3f}", fidelity=f"{fidelity.item():.3f}", refresh=False)
     return encoder.eval().requires_grad_(False), decoder.eval().requires_grad_(False)
 
