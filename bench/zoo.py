@@ -128,7 +128,15 @@ def stale_defense(cell, cached, quick, seed):
     repair cell without its settings recorded counts as stale; older RVPT/CBPT cells are kept)."""
     if "config" not in cached:
         return cell == "repair"
-    return cached["config"] != json.loads(json.dumps(defense_config(cell, quick, seed).as_dict()))
+    return _without_cuts(cached["config"]) != _without_cuts(json.loads(json.dumps(defense_config(cell, quick, seed).as_dict())))
+
+
+def _without_cuts(cfg):
+    """A defense config without the detector's thresholds: a repair whose verdict and flagging family they
+    do not change (stale() checks that) is the same repair."""
+    if isinstance(cfg, dict) and "detect" in cfg:
+        cfg = {**cfg, "detect": {k: v for k, v in cfg["detect"].items() if not k.startswith("min_")}}
+    return cfg
 
 
 def inversion_settings(cfg):
