@@ -13,6 +13,7 @@ from kernel_helpers import rng  # noqa: F401
 from kernels import triton_available
 
 pytestmark = pytest.mark.skipif(not triton_available(), reason="triton not importable")
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 @pytest.mark.parametrize("margin", [None, -0.5])
@@ -24,12 +25,13 @@ def test_rvpt_step_fused_matches_shared(margin, monkeypatch, rng):
         monkeypatch.setattr(mod, name, lambda *a, _fn=fn, _n=name, **k: calls.append(_n) or _fn(*a, **k))
     with torch.random.fork_rng(devices=[]):  # the model's and the prompts' random init: seeded too
         torch.manual_seed(rng.seed)
-        clip = load_model("lab-vit")
+        # on a CUDA machine the compiled kernels run on the GPU; here, the interpreter on CPU tensors
+        clip = load_model("lab-vit", device=DEVICE)
         cfg = RVPTConfig(start=4, tokens=5, margin=margin)  # two prompted blocks keep the interpreter quick
-        prompts = P.VisualPrompts.for_visual(clip.visual, cfg.start, cfg.tokens, init_std=0.5)
-    x = rng.rand(3, 3, 32, 32)
-    y = rng.randint(4, (3,))
-    text = F.normalize(rng.randn(4, 128), dim=-1)
+        prompts = P.VisualPrompts.for_visual(clip.visual, cfg.start, cfg.tokens, init_std=0.5).to(DEVICE)
+    x = rng.rand(3, 3, 32, 32).to(DEVICE)
+    y = rng.randint(4, (3,)).to(DEVICE)
+    text = F.normalize(rng.randn(4, 128), dim=-1).to(DEVICE)
     got = {}
     for backend in ("shared", "triton"):
         prompts.zero_grad()
