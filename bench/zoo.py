@@ -313,7 +313,10 @@ def main(argv=None):
     if args.shard:
         i, n = _shard(args.shard)
         models = models[i::n]
-    missing = [m["name"] for m in models if m["checkpoint"] is None]
+    recorded = {m["name"] for m in models}
+    missing = [m["name"] for m in models if m["checkpoint"] is None] + \
+        [s["name"] + " (no record: not built)" for s in (zoo.specs(split) if split in zoo.SPLITS else [])
+         if s["name"] not in recorded]
     models = [m for m in models if m["checkpoint"] is not None]
     cache = results / "zoo" / split
     if args.cached_only:  # aggregate what earlier runs finished; list the rest as not run

@@ -76,8 +76,8 @@ def parse_args(argv=None):
     p.add_argument("--device", default="auto", help="cpu, cuda or auto")
     p.add_argument("--precision", default="fp32", choices=P.CHOICES,
                    help="the frozen model's matmuls: fp32; bf16 / fp16 (torch.autocast; prompts and losses stay "
-                        "fp32); auto = bf16 where native (AMX/AVX512-BF16 CPUs: evaluation only, their bf16 "
-                        "backward is slower; CUDA sm80+: everything)")
+                        "fp32); auto = bf16 on CUDA sm80+, fp32 on CPUs (autocast measured slower there: "
+                        "bench/results/precision.json)")
     p.add_argument("--out", default=None, help="run directory (default runs/<timestamp>); must not exist")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     return p.parse_args(argv)
