@@ -43,3 +43,28 @@ def test_two_gloo_ranks_tune_and_evaluate_like_one_process(tmp_path):
     pa, pb = (load_file(str(d / "prompts.safetensors")) for d in (one, two))
     for k in pa:
         torch.testing.assert_close(pa[k], pb[k], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.slow
+def test_a_failing_rank_stops_the_job_and_writes_nothing(tmp_path):
+    """Rank 1 fails during tuning (a sitecustomize makes its RVPT step raise a UserError): torchrun
+    stops, the error names the rank, and no run directory appears."""
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(
+        "import os\n"
+        "if os.environ.get('RANK') == '1':\n"
+        "    import engine.defenses.rvpt as r\n"
+        "    from engine.errors import UserError\n"
+        "    def boom(*a, **k):\n"
+        "        raise UserError('injected failure on this rank')\n"
+        "    r.rvpt_step_loss = boom\n")
+    out = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(hook), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                           "--master_port", str(_free_port()), "-m", "engine.tune", *ARGS, "--out", str(out)],
+                          env=env, capture_output=True, text=True, timeout=600, cwd=os.getcwd())
+    assert proc.returncode != 0
+    assert "error (rank 1 of 2): injected failure on this rank" in proc.stderr, proc.stderr[-3000:]
+    assert not out.exists() and not list(tmp_path.glob(".run*"))
