@@ -98,7 +98,7 @@ class Job:
     checkpoint: object
     model: str = "lab-vit"   # the architecture name (selects each defense's lab or paper defaults)
     tune_precision: str = "fp32"   # engine.precision, resolved for the device: tuning ...
-    eval_precision: str = "fp32"   # ... and evaluation
+    eval_precision: str = "fp32"   # ... and evaluation (the same from --precision; bench.precision varies this one)
     detection: object = None  # engine.inversion.detect's result on `train`, when already computed (bench.zoo)
 
 
@@ -128,9 +128,9 @@ def prepare(args, log=print):
     log(f"{args.shots}-shot {args.dataset}: {len(train)} tuning images, {len(test)} test images; "
         f"attack {args.attack} -> '{test.classes[target]}'")
     text = clip.text_features(test.classes, D.DEFAULT_TEMPLATES)
-    precision = getattr(args, "precision", "fp32")
+    precision = P.resolve(args.precision, device)
     return Job(clip, train, test, trigger, target, text, D.DEFAULT_TEMPLATES, backend, checkpoint, args.model,
-               P.resolve(precision, device, training=True), P.resolve(precision, device))
+               precision, precision)
 
 
 def defend(job, name, cfg=None, progress=False, log=None):

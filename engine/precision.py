@@ -26,8 +26,8 @@ def cpu_has_bf16():
     return "amx_bf16" in flags or "avx512_bf16" in flags
 
 
-def resolve(precision, device, training=False):
-    """The precision a run uses: fp32, bf16 or fp16 (auto resolved for this device and kind of work)."""
+def resolve(precision, device):
+    """The precision a run uses: fp32, bf16 or fp16 (auto resolved for this device)."""
     if precision not in CHOICES:
         raise UserError(f"--precision {precision}: one of {', '.join(CHOICES)}")
     if precision != "auto":

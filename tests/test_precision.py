@@ -11,8 +11,8 @@ CPU = torch.device("cpu")
 
 def test_resolve(monkeypatch):
     monkeypatch.setattr(P, "cpu_has_bf16", lambda: True)   # autocast is slower on the CPU even with AMX
-    assert P.resolve("auto", CPU) == "fp32" and P.resolve("auto", CPU, training=True) == "fp32"
-    assert P.resolve("bf16", CPU, training=True) == "bf16"
+    assert P.resolve("auto", CPU) == "fp32"
+    assert P.resolve("bf16", CPU) == "bf16"
     with pytest.raises(UserError, match="fp16 needs a CUDA device"):
         P.resolve("fp16", CPU)
     with pytest.raises(UserError, match="one of"):

@@ -101,7 +101,7 @@ def tune_prompts(clip, images, trigger, cfg, backend="shared", progress=True, ne
     """Deep visual prompts distilled from the frozen encoder on clean and T-triggered images. The
     triggered images' target is f(neutral(x)) (default f(x)): for a stamped trigger, the same region
     filled with noise, so the prompts need not recover what the stamp hides, only ignore what it shows.
-    A `trigger` with a `step` method (AdversarialMask) is updated against the prompts before each step."""
+    A `trigger` with a `step` method (AdversarialTrigger) is updated against the prompts before each step."""
     torch.manual_seed(cfg.seed)
     prompts = prompted_vit.VisualPrompts.for_visual(clip.visual, cfg.start, cfg.tokens, cfg.init_std).to(clip.device)
     opt = torch.optim.SGD(prompts.parameters(), lr=cfg.lr, momentum=cfg.momentum)
