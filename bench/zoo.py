@@ -22,7 +22,7 @@ from engine.evaluate import evaluate_attack
 from engine.io import atomic_path, write_json
 from engine.job import JobConfig, defend, prepare
 from engine.purify import DEFENSES
-from engine.inversion.detect import detect
+from engine.inversion.detect import conclude, detect, load_tensors, save_tensors
 
 from .common import command, machine, pyplot, save_figure
 
@@ -31,6 +31,7 @@ DEFENSE_ORDER = ["repair", "rvpt", "cbpt"]
 LABELS = {"repair": "repair (detect + distilled VPT)", "rvpt": "RVPT", "cbpt": "CBPT", "vpt": "deep VPT"}
 ASR_OK = 5.0
 BACKDOOR_TOOK = 80.0   # no-defense ASR at or above which a poisoned model counts as backdoored
+BACKDOOR_WEAK = 20.0   # ... and below which it behaves clean (a control); in between it is a weak backdoor
 QUICK_EPOCHS = {"repair": 2, "rvpt": 2, "cbpt": 10, "vpt": 2}
 
 
@@ -57,10 +58,13 @@ def zoo_models(split):
 
 
 def kind(model):
-    """'backdoored', 'failed' (poisoned, backdoor did not take: a clean control too) or 'clean'."""
+    """'backdoored' (ASR >= 80%), 'weak' (poisoned, 20-80%: a real but partial backdoor, so flagging it is
+    no false positive, yet it is not among the backdoored models the targets count), 'failed' (poisoned,
+    ASR < 20%: behaves clean, a control) or 'clean' (a clean fine-tune, a control)."""
     if model.get("attack") is None and model.get("record", {}).get("trigger") is None:
         return "clean"
-    return "backdoored" if (model["no_defense_asr"] or 0) >= BACKDOOR_TOOK else "failed"
+    asr = model["no_defense_asr"] or 0
+    return "backdoored" if asr >= BACKDOOR_TOOK else "weak" if asr >= BACKDOOR_WEAK else "failed"
 
 
 def job_config(model, shots, eval_limit, seed):
@@ -78,20 +82,23 @@ def run_model(model, defenses, cache, shots, eval_limit, seed, quick, log, scan_
     """Every cell of one model, each read from the cache or computed and cached (cached_only: missing
     defense cells are left out, not computed)."""
     cells = {}
-    job = None
+    job = scan_cached = None
     for cell in ["none"] + (["scan"] if scan_cell else []) + defenses:
         path = cache / model["name"] / f"{cell}.json"
         if cached_only and not path.is_file():
             continue
         if path.is_file():
             cached = json.loads(path.read_text())
-            if cell == "scan" and stale(cached, quick):   # settings or thresholds moved: detect again, repair again
+            tensors = cache / model["name"] / "scan.safetensors"
+            if cell == "scan" and (stale(cached, quick) or not (tensors.is_file() or cached_only)):
+                # inversion settings moved (or the inverted triggers were not kept): detect again, repair again
                 (cache / model["name"] / "repair.json").unlink(missing_ok=True)
             elif cell not in ("none", "scan") and stale_defense(cell, cached, quick, seed):
                 pass                                       # the defense's settings moved: tune again
             else:
                 if cell == "scan":
                     cached["score"] = score(cached)   # the current definition, from the stored evidence
+                    scan_cached = cached
                 cells[cell] = cached
                 continue
         if job is None:
@@ -107,7 +114,11 @@ def run_model(model, defenses, cache, shots, eval_limit, seed, quick, log, scan_
                    "flagged_by": r["flagged_by"],
                    "score": score(r), "mask": r["mask"], "stripes": r["stripes"], "warp": r["warp"],
                    "inversion": inversion_settings(detect_config(quick))}
+            save_tensors(cache / model["name"] / "scan.safetensors", r)   # before scan.json: a scan cell implies them
         else:
+            if job.detection is None and scan_cached is not None:   # the repair reuses the cached scan's triggers
+                job.detection = conclude(scan_cached, load_tensors(cache / model["name"] / "scan.safetensors"),
+                                         detect_config(quick), job.clip.image_size)
             tuned = defend(job, cell, defense_config(cell, quick, seed))
             res = {**tuned.after, "tune_seconds": round(tuned.seconds, 2), **tuned.extra,
                    "config": json.loads(json.dumps(tuned.config))}
@@ -119,8 +130,23 @@ def run_model(model, defenses, cache, shots, eval_limit, seed, quick, log, scan_
     return cells
 
 
+SETTINGS = {}   # --set FIELD=VALUE: overrides of every defense's config fields (a sweep on the dev split)
+
+
 def defense_config(cell, quick, seed):
-    return purify.config(cell, "lab-vit", epochs=QUICK_EPOCHS[cell] if quick else None, seed=seed)
+    cfg = purify.config(cell, "lab-vit", epochs=QUICK_EPOCHS[cell] if quick else None, seed=seed)
+    return replace(cfg, **{k: v for k, v in SETTINGS.items() if hasattr(cfg, k)})
+
+
+def _setting(text):
+    """FIELD=VALUE, the value read as JSON (numbers, true/false) or else kept as a string."""
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise SystemExit(f"--set takes FIELD=VALUE (e.g. epochs=50), not {text!r}")
+    try:
+        return key, json.loads(value)
+    except json.JSONDecodeError:
+        return key, value
 
 
 def stale_defense(cell, cached, quick, seed):
@@ -186,14 +212,17 @@ def auroc(pos, neg):
 
 def aggregate(rows, defenses):
     """Scan TPR / FP / AUROC / target accuracy and per-defense summaries over the backdoored models, and the
-    CA drop each defense costs on the clean (and failed-poison) controls."""
+    CA drop each defense costs on the clean (and failed-poison) controls; weak backdoors apart (flagging one
+    is no false positive; each defense's ASR on them is reported, not counted in the targets)."""
     bd = [r for r in rows if r["kind"] == "backdoored"]
-    ctrl = [r for r in rows if r["kind"] != "backdoored"]
+    ctrl = [r for r in rows if r["kind"] in ("clean", "failed")]
+    weak = [r for r in rows if r["kind"] == "weak"]
     flagged = [r for r in bd if r["cells"]["scan"]["verdict"] == "backdoored"]
     scan_summary = {
         "backdoored": len(bd), "controls": len(ctrl),
         "detected": len(flagged), "tpr": len(flagged) / len(bd) if bd else None,
         "false_positives": sum(r["cells"]["scan"]["verdict"] == "backdoored" for r in ctrl),
+        "weak": len(weak), "weak_flagged": sum(r["cells"]["scan"]["verdict"] == "backdoored" for r in weak),
         "auroc": auroc([r["cells"]["scan"]["score"] for r in bd], [r["cells"]["scan"]["score"] for r in ctrl]),
         "target_right": sum(r["cells"]["scan"]["suspected_target"] == r["target"] for r in flagged),
         "median_seconds": statistics.median(r["cells"]["scan"]["seconds"] for r in rows) if rows else None,
@@ -209,6 +238,8 @@ def aggregate(rows, defenses):
             "median_ca_drop": statistics.median(drop) if drop else None, "worst_ca_drop": max(drop) if drop else None,
             "control_median_ca_drop": statistics.median(cdrop) if cdrop else None,
             "control_worst_ca_drop": max(cdrop) if cdrop else None,
+            "weak_median_asr": statistics.median(wasr) if (wasr := [r["cells"][d]["asr"] for r in weak if d in r["cells"]])
+            else None,
             "median_seconds": statistics.median(r["cells"][d]["seconds"] for r in rows if d in r["cells"])
             if asr or cdrop else None,
         }
@@ -221,20 +252,23 @@ def _f(v, fmt="{:.2f}"):
 
 def markdown(split, rows, agg, defenses, missing, cmd, seconds):
     s = agg["scan"]
-    lines = [f"Zoo split `{split}`: {s['backdoored']} backdoored models, {s['controls']} controls (clean fine-tunes "
-             f"and poisoned models whose backdoor did not take, no-defense ASR < {BACKDOOR_TOOK:.0f}%).", "",
-             "| scan | detected | false positives | AUROC | target right | median s |", "|---|---|---|---|---|---|",
+    lines = [f"Zoo split `{split}`: {s['backdoored']} backdoored models (no-defense ASR >= {BACKDOOR_TOOK:.0f}%), "
+             f"{s['weak']} weak backdoors ({BACKDOOR_WEAK:.0f}-{BACKDOOR_TOOK:.0f}%: flagging one is no false positive, "
+             f"the targets do not count them), {s['controls']} controls (clean fine-tunes and poisoned models whose "
+             f"backdoor did not take, < {BACKDOOR_WEAK:.0f}%).", "",
+             "| scan | detected | false positives | weak flagged | AUROC | target right | median s |", "|---" * 7 + "|",
              f"| {split} | {s['detected']}/{s['backdoored']} | {s['false_positives']}/{s['controls']} | "
-             f"{_f(s['auroc'])} | {s['target_right']}/{s['detected']} | {_f(s['median_seconds'], '{:.0f}')} |", "",
+             f"{s['weak_flagged']}/{s['weak']} | {_f(s['auroc'])} | {s['target_right']}/{s['detected']} | "
+             f"{_f(s['median_seconds'], '{:.0f}')} |", "",
              f"| defense | measured on | ASR <= {ASR_OK:.0f}% | median ASR | worst ASR | median CA drop | worst CA drop | "
-             "controls: median CA drop | worst | median s |", "|---" * 10 + "|"]
+             "controls: median CA drop | worst | weak: median ASR | median s |", "|---" * 11 + "|"]
     for d in defenses:
         a = agg["defenses"][d]
         lines.append(f"| {LABELS.get(d, d)} | {a['backdoored_measured']}/{s['backdoored']} + "
                      f"{a['controls_measured']}/{s['controls']} | {_f(a['asr_ok_share'] and 100 * a['asr_ok_share'], '{:.0f}%')} | "
                      f"{_f(a['median_asr'])} | {_f(a['worst_asr'])} | {_f(a['median_ca_drop'])} | "
                      f"{_f(a['worst_ca_drop'])} | {_f(a['control_median_ca_drop'])} | {_f(a['control_worst_ca_drop'])} | "
-                     f"{_f(a['median_seconds'], '{:.0f}')} |")
+                     f"{_f(a.get('weak_median_asr'))} | {_f(a['median_seconds'], '{:.0f}')} |")
     lines += ["", "| model | family | target | kind | no defense ASR (CA) | scan | "
               + " | ".join(LABELS.get(d, d) for d in defenses) + " |", "|---" * (6 + len(defenses)) + "|"]
     for r in rows:
@@ -284,7 +318,7 @@ def _shard(text):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--split", default="test", choices=["dev", "test"])
+    p.add_argument("--split", default="test", choices=list(zoo.SPLITS))
     p.add_argument("--defenses", nargs="+", default=DEFENSE_ORDER, choices=sorted(DEFENSES))
     p.add_argument("--models", nargs="+", default=None, help="only these model names")
     p.add_argument("--shard", default=None, metavar="I/N",
@@ -299,7 +333,15 @@ def main(argv=None):
                    help="tables from the cached cells only: models with a missing cell are listed, not run")
     p.add_argument("--skip-scan", action="store_true",
                    help="only fill the cache with the given defenses' cells (no scan, no tables); the repair needs the scan")
+    p.add_argument("--set", nargs="+", default=[], metavar="FIELD=VALUE",
+                   help="override these config fields of the defenses that have them (a dev-split sweep; use "
+                        "another --results folder so the cached defaults stay)")
     args = p.parse_args(argv)
+    SETTINGS.clear()
+    SETTINGS.update(_setting(t) for t in args.set)
+    unknown = [k for k in SETTINGS if not any(hasattr(purify.config(d, "lab-vit"), k) for d in args.defenses)]
+    if unknown:
+        raise SystemExit(f"--set: no defense among {args.defenses} has the field(s) {unknown}")
     t0 = time.time()
     results = Path(args.results)
     if args.quick:

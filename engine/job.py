@@ -138,7 +138,7 @@ def defend(job, name, cfg=None, progress=False, log=None):
     job's shots and measure it on the job's test set: a runs.Tuned whose `after` holds CA/ASR/PA."""
     opts = purify.Options(backend=job.backend, progress=progress, log=log, detection=job.detection,
                           templates=job.templates)
-    with P.autocast(job.tune_precision, job.clip.device):
+    with P.run(job.tune_precision, job.clip.device, job.clip.model):
         tuned = purify.tune(name, job.clip, job.train, job.text,
                             cfg if cfg is not None else purify.config(name, job.model), opts)
     tuned.after = measure(job, tuned)
@@ -147,7 +147,7 @@ def defend(job, name, cfg=None, progress=False, log=None):
 
 def measure(job, tuned=None):
     """CA/ASR/PA % on the job's test set, of the model as loaded (tuned=None) or as the defense tuned it."""
-    with P.autocast(job.eval_precision, job.clip.device):
+    with P.run(job.eval_precision, job.clip.device, job.clip.model):
         if tuned is None:
             return evaluate_attack(job.clip, job.test, job.trigger, job.target, text=job.text)
         return purify.measure(tuned, job.clip, job.test, job.trigger, job.target, job.text, job.templates)

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from . import data as D
-from . import manifest
+from . import manifest, zoo
 from .cli import run_cli
 from .errors import UserError
 from .optim import descend
@@ -210,7 +210,6 @@ def cmd_all(args):
 def cmd_zoo(args):
     """Build the missing models of a zoo split, one after another; a second builder started beside this
     one takes the models this one has not claimed."""
-    from . import zoo
     todo = zoo.specs(args.split) if args.list else zoo.pending(args.split)
     if args.list:
         for s in todo:
@@ -282,7 +281,7 @@ def main(argv=None):
     q.add_argument("--attacks", nargs="+", default=ATTACKS, choices=sorted(TRIGGERS),
                    help="note: all seven models exceed the 20 MB bundle budget of checkpoints/lab")
     q = sub.add_parser("zoo", help="build the backdoor zoo's missing models (engine/zoo.py)")
-    q.add_argument("--split", required=True, choices=["dev", "test"])
+    q.add_argument("--split", required=True, choices=list(zoo.SPLITS))
     q.add_argument("--list", action="store_true", help="print the split's specs and build nothing")
     q.add_argument("--only", nargs="+", default=None, help="build only these model names")
     q.add_argument("--max-models", type=int, default=None, help="stop after building this many")

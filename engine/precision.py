@@ -1,11 +1,12 @@
-"""--precision: the frozen model's matrix work in bf16/fp16 (torch.autocast), while prompts, context
-vectors, optimiser state and the losses stay fp32 (autocast keeps parameters fp32 and runs losses and
-reductions in fp32).
+"""--precision: the frozen model's weights stored and its matrix work run in bf16/fp16, while prompts,
+context vectors, optimiser state and the losses stay fp32. `run(precision, device, model)` stores the
+frozen model's floating weights in the low precision for the block (one cast, kept fp32 outside it)
+under torch.autocast, which casts the fp32 prompts and activations into the matmuls and keeps reductions
+and losses in fp32; features leave the image tower as fp32 (engine.evaluate).
 
-`auto` picks bf16 on CUDA sm80+ and fp32 elsewhere: on this project's AMX CPU, torch.autocast's bf16
-ViT-B-32 forward is slower than fp32 (it casts the fp32 weights at every call), while a model whose
-weights are stored in bf16 is faster (bench/results/precision.json measures both). bf16 on the CPU is
-therefore only what you ask for with --precision bf16."""
+`auto` picks bf16 on CUDA sm80+ and fp32 elsewhere: on this project's AMX CPU the bf16 backward through
+the frozen tower is slower than fp32 (bench/results/precision.json measures forward and tuning step), so
+bf16 on the CPU is what you ask for with --precision bf16."""
 import contextlib
 from functools import cache
 
@@ -44,3 +45,32 @@ def autocast(precision, device):
     if precision == "fp32":
         return contextlib.nullcontext()
     return torch.autocast(device.type, dtype=DTYPES[precision])
+
+
+@contextlib.contextmanager
+def stored_in(module, precision):
+    """Within the block, `module`'s floating weight matrices (parameters and buffers of 2+ dimensions:
+    linear, convolution, projection and embedding weights, the matmul work) are stored in `precision`
+    (fp32: as they are); the fp32 tensors are put back after, untouched. Norm weights and biases stay fp32
+    (the CPU layer_norm takes low-precision inputs only with fp32 parameters). For frozen weights: no
+    gradient reaches them inside the block."""
+    if precision == "fp32":
+        yield module
+        return
+    dtype, kept = DTYPES[precision], []
+    try:
+        for t in [*module.parameters(), *module.buffers()]:
+            if t.is_floating_point() and t.dim() >= 2 and t.dtype != dtype:
+                kept.append((t, t.data))
+                t.data = t.data.to(dtype)
+        yield module
+    finally:
+        for t, data in kept:
+            t.data = data
+
+
+@contextlib.contextmanager
+def run(precision, device, model):
+    """The frozen `model` stored in `precision` (resolved) and its matmuls autocast there; fp32: no-op."""
+    with stored_in(model, precision), autocast(precision, device):
+        yield

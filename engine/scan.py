@@ -11,7 +11,7 @@ classes), faint 1-D stripes in four orientations (global periodic signals) and s
 The inversions run on the few clean shots, and the inverted triggers are measured on them (or, with
 --holdout N, on N other clean images of the train split). The thresholds were chosen on the backdoor zoo's dev split
 (bench/zoo.py); bench/results/zoo.md reports the scan on the test split. Prints a table; writes
-scan.json and trigger.png (the suspected trigger) to --out (default runs/scan-<timestamp>), nothing
+scan.json, trigger.png (the suspected trigger) and triggers.safetensors (every inverted trigger) to --out (default runs/scan-<timestamp>), nothing
 unless the whole scan succeeds.
 """
 import argparse
@@ -28,6 +28,7 @@ from .inversion import detect as det
 from .io import atomic_dir, check_creatable, occupied, save_png, write_json
 from .models import bundled_checkpoint, is_lab, load_model
 from .job import resolve_device
+from . import precision as P
 
 # The inverted triggers are measured on the shots themselves by default, as the repair defense (which has
 # only the shots) does: the thresholds were chosen that way. --holdout N measures on N other images.
@@ -93,6 +94,8 @@ def parse_args(argv=None):
                    help="stripe inversion steps (0 skips the stripe check)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", help="cpu, cuda or auto")
+    p.add_argument("--precision", default="fp32", choices=P.CHOICES,
+                   help="the frozen model's weights and matmuls (engine.precision; the triggers stay fp32)")
     p.add_argument("--out", default=None, help="output directory (default runs/scan-<timestamp>); must not exist")
     p.add_argument("--quiet", action="store_true", help="only the final table")
     return p.parse_args(argv)
@@ -145,22 +148,25 @@ def run(args):
                   use_stripes=args.stripe_steps > 0)
     log(f"scanning {args.model} ({checkpoint or args.pretrained or 'random weights'}) on {device}: "
         f"{len(few)} shots" + (f", {len(held)} held-out images" if held is not None else ""))
-    result = scan(clip, few, held, text, cfg, log, progress=not args.quiet)
+    precision = P.resolve(args.precision, device)
+    with P.run(precision, device, clip.model):
+        result = scan(clip, few, held, text, cfg, log, progress=not args.quiet)
     report = {
         "verdict": result["verdict"], "suspected_target": result["suspected_target"],
         "flagged_by": result["flagged_by"], "checks": result["checks"],
-        "mask": result["mask"], "stripes": result["stripes"],
+        "mask": result["mask"], "stripes": result["stripes"], "warp": result["warp"],
         "thresholds": {k: v for k, v in cfg.as_dict().items() if k.startswith("min_")},
         "inversion": {"mask": cfg.mask.as_dict(), "stripes": cfg.stripes.as_dict() if cfg.use_stripes else None},
         "model": args.model, "checkpoint": str(checkpoint) if checkpoint else None, "pretrained": args.pretrained,
         "dataset": args.dataset, "classes": few.classes, "shots": args.shots, "holdout_images": 0 if held is None else len(held),
-        "device": str(device), "seconds": round(time.time() - t0, 2),
+        "device": str(device), "precision": precision, "seconds": round(time.time() - t0, 2),
     }
     with atomic_dir(out_dir) as tmp:
         save_png(tmp / "trigger.png", result["trigger_image"])
+        det.save_tensors(tmp / "triggers.safetensors", result)
         write_json(tmp / "scan.json", report)
     print(format_report(result, cfg))
-    print(f"{report['seconds']:.0f} s; scan.json and trigger.png in {out_dir}")
+    print(f"{report['seconds']:.0f} s; scan.json, trigger.png and triggers.safetensors in {out_dir}")
     return report
 
 

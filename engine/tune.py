@@ -75,9 +75,9 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", help="cpu, cuda or auto")
     p.add_argument("--precision", default="fp32", choices=P.CHOICES,
-                   help="the frozen model's matmuls: fp32; bf16 / fp16 (torch.autocast; prompts and losses stay "
-                        "fp32); auto = bf16 on CUDA sm80+, fp32 on CPUs (autocast measured slower there: "
-                        "bench/results/precision.json)")
+                   help="the frozen model: fp32; bf16 / fp16 (weight matrices stored in it, matmuls autocast; "
+                        "prompts and losses stay fp32); auto = bf16 on CUDA sm80+, fp32 on CPUs (the bf16 "
+                        "backward measured slower there: bench/results/tune_step.json)")
     p.add_argument("--out", default=None, help="run directory (default runs/<timestamp>); must not exist")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     return p.parse_args(argv)

@@ -30,3 +30,33 @@ def test_bf16_evaluation_runs_in_bf16_and_stays_close_to_fp32():
     hook.remove()
     assert seen and all(d == torch.bfloat16 for d in seen)
     assert abs(bf16["ca"] - fp32["ca"]) <= 2.0 and abs(bf16["asr"] - fp32["asr"]) <= 2.0
+
+
+def test_stored_in_casts_the_frozen_weights_once_and_puts_the_fp32_ones_back():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.LayerNorm(8))
+    before = [t.clone() for t in model.state_dict().values()]
+    with P.stored_in(model, "bf16"):
+        assert model[0].weight.dtype == torch.bfloat16                 # the matmul weight ...
+        assert model[0].bias.dtype == model[1].weight.dtype == torch.float32   # ... not biases and norms
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    assert all(torch.equal(a, b) for a, b in zip(before, model.state_dict().values()))   # bit-exact, not re-cast
+    with P.stored_in(model, "fp32"):
+        assert all(p.dtype == torch.float32 for p in model.parameters())
+
+
+def test_run_in_bf16_keeps_fp32_prompts_trainable():
+    """The frozen layer in bf16, an fp32 prompt added before it: the prompt's gradient stays fp32 and
+    within bf16 rounding of the fp32 run's."""
+    torch.manual_seed(1)
+    model = torch.nn.Linear(16, 4).requires_grad_(False)
+    x = torch.randn(32, 16)
+    grads = {}
+    for prec in ("fp32", "bf16"):
+        prompt = torch.zeros(16, requires_grad=True)
+        with P.run(prec, CPU, model):
+            loss = model(x + prompt).float().square().mean()
+            loss.backward()
+        grads[prec] = prompt.grad
+    assert grads["bf16"].dtype == torch.float32 and model.weight.dtype == torch.float32
+    torch.testing.assert_close(grads["bf16"], grads["fp32"], rtol=0.05, atol=0.01)

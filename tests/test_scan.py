@@ -224,8 +224,11 @@ def small_data(monkeypatch):
 def test_scan_writes_json_and_png_atomically(tmp_path, monkeypatch, small_data):
     out = tmp_path / "scan"
     rep = scan.main(["--lab", "badnet", "--out", str(out), *TINY])
-    assert sorted(p.name for p in out.iterdir()) == ["scan.json", "trigger.png"]
+    assert sorted(p.name for p in out.iterdir()) == ["scan.json", "trigger.png", "triggers.safetensors"]
     saved = json.loads((out / "scan.json").read_text())
+    # the stored evidence and triggers give the same verdict again without inverting (bench.zoo's reuse)
+    again = det.conclude(saved, det.load_tensors(out / "triggers.safetensors"), det.DetectConfig(), 32)
+    assert (again["verdict"], again["flagged_by"]) == (saved["verdict"], saved["flagged_by"])
     assert saved["verdict"] in ("backdoored", "clean") and saved["verdict"] == rep["verdict"]
     assert saved["suspected_target"] in saved["classes"]
     for key in ("target", "anomaly_index", "mask_size", "target_share", "sizes"):

@@ -88,10 +88,13 @@ def test_aggregation_on_a_tiny_zoo():
             _row("b", "backdoored", 80, {"repair": (74, 30.0)}, suspected="coat"),
             _row("c", "backdoored", 80, {"repair": (79, 4.0)}, verdict="clean", score=0.5),
             _row("k", "clean", 81, {"repair": (80, 2.0)}, target=None, verdict="clean", score=0.4),
-            _row("f", "failed", 80, {"repair": (80, 2.0)}, verdict="backdoored", score=1.5)]
+            _row("f", "failed", 80, {"repair": (80, 2.0)}, verdict="backdoored", score=1.5),
+            _row("w", "weak", 80, {"repair": (70, 12.0)}, verdict="backdoored", score=3.0)]
     agg = bench_zoo.aggregate(rows, ["repair"])
     s, d = agg["scan"], agg["defenses"]["repair"]
     assert (s["backdoored"], s["controls"], s["detected"], s["false_positives"], s["target_right"]) == (3, 2, 2, 1, 1)
+    # the weak backdoor is neither a control (its flag is no false positive) nor counted in the targets
+    assert (s["weak"], s["weak_flagged"], d["weak_median_asr"]) == (1, 1, 12.0)
     assert s["tpr"] == pytest.approx(2 / 3)
     # backdoored scores 2, 2, 0.5 vs controls 0.4, 1.5: 5 wins of 6 pairs
     assert s["auroc"] == pytest.approx(5 / 6)
@@ -100,6 +103,13 @@ def test_aggregation_on_a_tiny_zoo():
     assert d["control_median_ca_drop"] == pytest.approx(0.5) and d["control_worst_ca_drop"] == 1
     md = bench_zoo.markdown("test", rows, agg, ["repair"], ["z"], "python -m bench.zoo", 1.0)
     assert "2/3" in md and "1/2" in md and "Not built yet (skipped): z" in md
+
+
+def test_kind_splits_poisoned_models_by_their_no_defense_asr():
+    poisoned = lambda asr: {"record": {"trigger": {"family": "patch"}}, "no_defense_asr": asr}  # noqa: E731
+    assert [bench_zoo.kind(poisoned(a)) for a in (99.0, 80.0, 79.9, 20.0, 19.9, None)] == \
+        ["backdoored", "backdoored", "weak", "weak", "failed", "failed"]
+    assert bench_zoo.kind({"record": {"trigger": None}, "no_defense_asr": None}) == "clean"
 
 
 def test_auroc_edge_cases():

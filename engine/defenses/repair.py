@@ -33,6 +33,7 @@ class RepairConfig:
     adversarial: bool = True     # mask triggers: keep re-inverting the trigger against the prompted encoder
     adv_lam: float = 0.05        # adversarial: mask-size weight of the trigger's objective (sum(m), px)
     adv_lr: float = 0.02         # adversarial: Adam on the trigger's mask and pattern logits (0.1 cost more CA)
+    adv_steps: int = 1           # adversarial: trigger steps before each prompt step
     adversarial_stripes: bool = True    # stripe triggers too (the pattern re-optimised within the stripes' eps)
     start: int = 0               # D: unprompted leading blocks
     tokens: int = 16             # b: prompt tokens per block
@@ -82,15 +83,16 @@ class AdversarialTrigger:
         else:
             self.fam = _Stripe(stripe, eps)
         self.opt = torch.optim.Adam(self.fam.params, lr=cfg.adv_lr)
-        self.k, self.text, self.lam = k, text, cfg.adv_lam
+        self.k, self.text, self.lam, self.steps = k, text, cfg.adv_lam, cfg.adv_steps
 
     def step(self, clip, prompts, x, backend):
-        z = prompted_vit.forward(clip.visual, prompts, clip.normalise(self.fam.apply(x)[0]), backend)["feature"]
-        logits = LOGIT_SCALE * F.normalize(z.float(), dim=-1) @ self.text.t()
-        loss = F.cross_entropy(logits, torch.full((len(x),), self.k, device=x.device)) + self.lam * self.fam.size().sum()
-        self.opt.zero_grad(set_to_none=True)
-        loss.backward(inputs=self.fam.params)
-        self.opt.step()
+        for _ in range(self.steps):
+            z = prompted_vit.forward(clip.visual, prompts, clip.normalise(self.fam.apply(x)[0]), backend)["feature"]
+            logits = LOGIT_SCALE * F.normalize(z.float(), dim=-1) @ self.text.t()
+            loss = F.cross_entropy(logits, torch.full((len(x),), self.k, device=x.device)) + self.lam * self.fam.size().sum()
+            self.opt.zero_grad(set_to_none=True)
+            loss.backward(inputs=self.fam.params)
+            self.opt.step()
 
     def __call__(self, x):
         with torch.no_grad():

@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from ..evaluate import predict
+from ..io import atomic_path
 from . import stripes as stripe_inversion
 from . import targeted
 
@@ -31,8 +32,10 @@ class DetectConfig:
     use_stripes: bool = True
     use_warps: bool = True
     # Cuts chosen on the zoo's dev split (bench/results/zoo_dev.json holds the evidence), measured on the
-    # shots: the clean controls' largest mask gap and stripe / warp shares sit below them.
-    min_mask_gap: float = 0.7           # log(median other class's mask / smallest mask) ...
+    # shots, from the controls only (what a defender can build: clean fine-tunes): each sits a margin above
+    # the dev controls' largest value, so a smaller backdoor than dev's strongest still passes it. Weak
+    # backdoors (20-80% ASR) are not controls: flagging one is right.
+    min_mask_gap: float = 0.5           # log(median other class's mask / smallest mask) ...
     min_mask_anomaly: float = 2.0       # ... and that smallest mask this many MADs below the others' (log sizes)
     min_stripe_share: float = 0.55
     min_stripe_anomaly: float = 2.0
@@ -126,36 +129,61 @@ def decide(mask_ev, stripe_ev, cfg, warp_ev=None):
 
 def detect(clip, few, text, cfg, probe=None, progress=False, log=None):
     """Evidence of both inversions and the verdict. `probe`: clean images the inverted triggers are
-    measured on (default the shots). Returns {verdict, suspected_target (index), flagged_by, checks,
-    mask, stripes, trigger: a callable on [0, 1] images (the flagged family's, else the mask's)}."""
+    measured on (default the shots). Returns conclude()'s dict: {verdict, suspected_target (index),
+    flagged_by, checks, mask, stripes, warp, trigger: a callable on [0, 1] images (the flagged family's,
+    else the mask's), tensors: the inverted triggers (what save_tensors stores)}."""
     probe = few if probe is None else probe
     clean_pred = predict(clip, probe.images, text)
     mask_ev, (m, p) = mask_evidence(clip, few, text, cfg.mask, probe, clean_pred, progress)
     if log:
         log(f"mask inversion: {mask_ev['target']} mask {mask_ev['mask_size']:.1f} px, anomaly "
             f"{mask_ev['anomaly_index']:.1f}, share {mask_ev['target_share']:.2f}, {mask_ev['seconds']:.0f} s")
-    stripe_ev, pattern = None, None
+    tensors = {"mask": m.cpu(), "pattern": p.cpu()}
+    stripe_ev = warp_ev = None
     if cfg.use_stripes:
-        stripe_ev, pattern = stripe_evidence(clip, few, text, cfg.stripes, probe, clean_pred, progress)
+        stripe_ev, tensors["stripe"] = stripe_evidence(clip, few, text, cfg.stripes, probe, clean_pred, progress)
         if log:
             log(f"stripe inversion: {stripe_ev['orientation']} -> {stripe_ev['target']} share "
                 f"{stripe_ev['target_share']:.2f}, anomaly {stripe_ev['anomaly_index']:.1f}, {stripe_ev['seconds']:.0f} s")
-    warp_ev, grid = None, None
     if cfg.use_warps:
-        warp_ev, grid = warp_evidence(clip, few, text, cfg.mask, probe, clean_pred, progress)
+        warp_ev, tensors["warp_grid"] = warp_evidence(clip, few, text, cfg.mask, probe, clean_pred, progress)
         if log:
             log(f"warp inversion: {warp_ev['target']} share {warp_ev['target_share']:.2f}, anomaly "
                 f"{warp_ev['anomaly_index']:.1f}, {warp_ev['seconds']:.0f} s")
+    return conclude({"mask": mask_ev, "stripes": stripe_ev, "warp": warp_ev}, {k: v.cpu() for k, v in tensors.items()},
+                    cfg, few.images.shape[-1])
+
+
+def conclude(evidence, tensors, cfg, size):
+    """The verdict and trigger from stored evidence {mask, stripes, warp} and inverted tensors {mask,
+    pattern, stripe, warp_grid} under cfg's thresholds: what detect() returns, and what a cached scan
+    (bench.zoo) is turned back into without inverting again."""
+    mask_ev, stripe_ev, warp_ev = evidence["mask"], evidence.get("stripes"), evidence.get("warp")
     verdict, checks, family = decide(mask_ev, stripe_ev, cfg, warp_ev)
+    m, p = tensors["mask"], tensors["pattern"]
     if family == "stripes":
+        pattern = tensors["stripe"]
         target, trigger, image = stripe_ev["target_index"], lambda x: stripe_inversion.add_pattern(x, pattern.to(x)), \
-            (0.5 + pattern).expand(3, few.images.shape[-2], few.images.shape[-1])
+            (0.5 + pattern).expand(3, size, size)
     elif family == "warp":
-        checker = ((torch.arange(few.images.shape[-1])[:, None] // 4 + torch.arange(few.images.shape[-1]) // 4) % 2)
+        grid = tensors["warp_grid"]
+        checker = ((torch.arange(size)[:, None] // 4 + torch.arange(size) // 4) % 2)
         target, trigger = warp_ev["target_index"], lambda x: targeted.warp(x, grid)
         image = targeted.warp(checker.float().expand(1, 3, -1, -1), grid)[0]   # the warp drawn on a checkerboard
     else:
         target, trigger, image = mask_ev["target_index"], lambda x: targeted.stamp(x, m.to(x), p.to(x)), m * p
     return {"verdict": verdict, "suspected_target": target, "flagged_by": family, "checks": checks,
-            "mask": mask_ev, "stripes": stripe_ev, "warp": warp_ev, "trigger": trigger, "trigger_image": image.cpu(),
-            "mask_trigger": (m.cpu(), p.cpu()), "stripe_pattern": None if pattern is None else pattern.cpu()}
+            "mask": mask_ev, "stripes": stripe_ev, "warp": warp_ev, "trigger": trigger, "trigger_image": image,
+            "mask_trigger": (m, p), "stripe_pattern": tensors.get("stripe"), "tensors": tensors}
+
+
+def save_tensors(path, result):
+    """The inverted triggers of a detect() result, atomically (safetensors), for conclude() to reuse."""
+    from safetensors.torch import save_file
+    with atomic_path(path) as tmp:
+        save_file({k: v.contiguous() for k, v in result["tensors"].items()}, str(tmp))
+
+
+def load_tensors(path):
+    from safetensors.torch import load_file
+    return load_file(str(path))
