@@ -11,7 +11,7 @@ from .metrics import attack_counts, attack_rates, clean_accuracy
 def image_features(clip, images, encode=None):
     """L2-normalised features (N, E) of [0, 1] images on clip.device. `encode` maps normalised images to
     features (default: the unprompted image tower). Differentiable: callers choose no_grad."""
-    encode = encode or clip.model.encode_image
+    encode = encode or clip.encode_image
     return F.normalize(encode(clip.normalise(images.to(clip.device))).float(), dim=-1)
 
 

@@ -53,6 +53,14 @@ class Clip:
     def device(self):
         return next(self.model.parameters()).device
 
+    def encode_image(self, normalised):
+        """Image features (N, E), unnormalised, of normalised images: the frozen tower. A ViT goes through
+        the prompted path's own block code with no prompt (engine.prompted_vit.frozen_forward: the same
+        numbers as open_clip's, and under --precision bf16 it avoids nn.MultiheadAttention's autocast path);
+        other towers through open_clip."""
+        from .prompted_vit import frozen_forward, supports
+        return frozen_forward(self.visual, normalised) if supports(self.visual) else self.model.encode_image(normalised)
+
     def normalise(self, images):
         mean = torch.tensor(self.mean, device=images.device, dtype=images.dtype).view(1, 3, 1, 1)
         std = torch.tensor(self.std, device=images.device, dtype=images.dtype).view(1, 3, 1, 1)

@@ -138,11 +138,11 @@ def forward(visual, prompts, images, backend="shared", with_frozen=False):
         cls_only = _cls_pooled(visual)
         with torch.no_grad():  # blocks 1..D: frozen, prompt-free, shared by both passes
             for blk in blocks[:start]:
-                h = blk(h)
+                h = shared_block(blk, h, None)
             if with_frozen:
                 f, fc = h, []
                 for i in range(start, len(blocks)):
-                    f = shared_block(blocks[i], f, None, cls_only=True) if i == last and cls_only else blocks[i](f)
+                    f = shared_block(blocks[i], f, None, cls_only=i == last and cls_only)
                     fc.append(f[:, 0])
                 frozen_cls = torch.stack(fc, 1)
         cls = []
@@ -155,10 +155,29 @@ def forward(visual, prompts, images, backend="shared", with_frozen=False):
     return out
 
 
+def supports(visual):
+    """True for the towers shared_block runs: open_clip ViTs with packed attention projections."""
+    blocks = getattr(getattr(visual, "transformer", None), "resblocks", None)
+    return hasattr(visual, "_embeds") and blocks is not None and all(hasattr(b.attn, "in_proj_weight") for b in blocks)
+
+
+def frozen_forward(visual, images):
+    """The unprompted tower on normalised images through shared_block (one code path with the prompted
+    forward): projected features (B, E). Under autocast it runs plain matmuls on contiguous activations,
+    where open_clip's nn.MultiheadAttention batches its input projection over a copied weight (the cost
+    bench/results/tune_step.json's bf16 rows measured)."""
+    blocks = visual.transformer.resblocks
+    last, cls_only = len(blocks) - 1, _cls_pooled(visual)
+    h = visual._embeds(images)
+    for i, blk in enumerate(blocks):
+        h = shared_block(blk, h, None, cls_only=cls_only and i == last)
+    return _head(visual, h)
+
+
 def encoder(visual, prompts, backend="shared"):
     """A normalised-images -> features callable for evaluation (no frozen pass)."""
     if prompts is None:
-        return visual
+        return (lambda x: frozen_forward(visual, x)) if supports(visual) else visual
     return lambda x: forward(visual, prompts, x, backend)["feature"]
 
 

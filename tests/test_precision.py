@@ -24,7 +24,7 @@ def test_bf16_evaluation_runs_in_bf16_and_stays_close_to_fp32():
     fp32 = measure(job)
     job.eval_precision = "bf16"
     seen = []
-    hook = job.clip.model.visual.transformer.resblocks[0].register_forward_hook(
+    hook = job.clip.model.visual.transformer.resblocks[0].mlp.register_forward_hook(
         lambda m, i, o: seen.append(torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None))
     bf16 = measure(job)
     hook.remove()

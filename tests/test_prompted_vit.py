@@ -75,3 +75,16 @@ def test_prompts_change_the_features_and_frozen_pass_is_unprompted(models):
 def test_prompt_count_matches_the_paper_for_vit_b32(models):
     prompts = P.VisualPrompts.for_visual(models["ViT-B-32"].visual, 3, 50)
     assert P.parameter_count(prompts) == 345_600  # 9 x 50 x 768, docs/ALGORITHMS.md
+
+
+@pytest.mark.parametrize("name", ["lab-vit", "ViT-B-32"])
+def test_frozen_forward_matches_open_clip(models, name):
+    """Clip.encode_image runs the unprompted tower through shared_block: open_clip's numbers, fp32."""
+    clip = models[name]
+    seed = int(os.environ.get("CLIP_PURIFY_TEST_SEED", torch.seed() % 2**31))
+    torch.manual_seed(seed)
+    x = clip.normalise(torch.rand(3, 3, clip.image_size, clip.image_size))
+    with torch.no_grad():
+        got, want = clip.encode_image(x), clip.model.encode_image(x)
+    assert P.supports(clip.visual)
+    assert rel_err(got, want) < 1e-5, f"inputs from seed {seed}: CLIP_PURIFY_TEST_SEED={seed} reproduces them"

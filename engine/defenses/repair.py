@@ -128,8 +128,8 @@ def tune_prompts(clip, images, trigger, cfg, backend="shared", progress=True, ne
         clean = torch.cat([x, *mixed])
         both = clip.normalise(torch.cat([clean, triggered]))
         with torch.no_grad():
-            target = clip.model.encode_image(both[:len(clean)])
-            target_t = target[:len(x)] if neutral is None else clip.model.encode_image(clip.normalise(hidden))
+            target = clip.encode_image(both[:len(clean)])
+            target_t = target[:len(x)] if neutral is None else clip.encode_image(clip.normalise(hidden))
         z = prompted_vit.forward(clip.visual, prompts, both, backend)["feature"]
         return weight * (cfg.w_clean * distill_loss(z[:len(clean)], target)
                          + cfg.w_trigger * distill_loss(z[len(clean):], target_t))
