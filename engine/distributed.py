@@ -8,7 +8,10 @@ What is spread over the ranks, and how results stay those of one process:
   the loss on its contiguous share of the batch only, weighted by its share's size; the gradients are
   summed over ranks before each step, so every rank takes the step one process would take on the whole
   batch (equal up to floating-point summation order);
-- evaluation: each rank predicts a contiguous share of the test images; the counts are summed.
+- evaluation: each rank predicts a contiguous share of the test images; the counts are summed;
+- the scan: every rank holds every class's trigger, but runs the forward and backward of its contiguous
+  share of the classes (or stripe candidates) only; the gradients (zero outside a rank's rows) are summed,
+  so every rank takes one process's step; per-class measurements are gathered with fill_rows.
 Only rank 0 prints tables and writes the run directory. Without torchrun (WORLD_SIZE unset or 1) every
 function here is the single-process identity."""
 import os
@@ -82,6 +85,18 @@ def sum_counts(counts):
     t = torch.tensor(counts, dtype=torch.int64, device=_device())
     dist.all_reduce(t)
     return t.tolist()
+
+
+def fill_rows(mine, n, start):
+    """The (n, ...) tensor every rank gets when each contributes its rows [start, start + len(mine)) (the
+    others zero): an all-gather of contiguous shares by one summing all-reduce."""
+    full = mine.new_zeros((n, *mine.shape[1:]))
+    full[start:start + len(mine)] = mine
+    if active():
+        t = full.to(_device())
+        dist.all_reduce(t)
+        full = t.to(mine.device)
+    return full
 
 
 def sum_value(x):

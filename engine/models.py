@@ -59,7 +59,8 @@ class Clip:
         numbers as open_clip's, and under --precision bf16 it avoids nn.MultiheadAttention's autocast path);
         other towers through open_clip."""
         from .prompted_vit import frozen_forward, supports
-        return frozen_forward(self.visual, normalised) if supports(self.visual) else self.model.encode_image(normalised)
+        visual = getattr(self.model, "visual", None)
+        return frozen_forward(visual, normalised) if supports(visual) else self.model.encode_image(normalised)
 
     def normalise(self, images):
         mean = torch.tensor(self.mean, device=images.device, dtype=images.dtype).view(1, 3, 1, 1)

@@ -7,6 +7,7 @@ classes), faint 1-D stripes in four orientations (global periodic signals) and s
     python -m engine.scan --lab clean              # the clean lab model (should say clean)
     python -m engine.scan --checkpoint suspect.safetensors --shots 8
     python -m engine.scan --model ViT-B-32 --pretrained openai --dataset folder:/data/pets
+    torchrun --nproc_per_node 2 -m engine.scan     # each rank inverts its share of the classes
 
 The inversions run on the few clean shots, and the inverted triggers are measured on them (or, with
 --holdout N, on N other clean images of the train split). The thresholds were chosen on the backdoor zoo's dev split
@@ -22,6 +23,7 @@ from datetime import datetime
 import torch
 
 from . import data as D
+from . import distributed
 from .cli import run_cli
 from .errors import UserError
 from .inversion import detect as det
@@ -131,9 +133,10 @@ def check_args(args):
 def run(args):
     t0 = time.time()
     check_args(args)
-    log = (lambda *a: None) if args.quiet else print
+    device = distributed.init(resolve_device(args.device))   # under torchrun: classes spread over the ranks
+    main_rank = distributed.is_main()
+    log = (lambda *a: None) if args.quiet or not main_rank else print
     out_dir = args.out or f"runs/scan-{datetime.now():%Y%m%d-%H%M%S}"
-    device = resolve_device(args.device)
     checkpoint = resolve_checkpoint(args)
     clip = load_model(args.model, args.pretrained, checkpoint, device)
     train_all = D.load_dataset(args.dataset, "train", clip.image_size, args.data_dir)
@@ -150,7 +153,7 @@ def run(args):
         f"{len(few)} shots" + (f", {len(held)} held-out images" if held is not None else ""))
     precision = P.resolve(args.precision, device)
     with P.run(precision, device, clip.model):
-        result = scan(clip, few, held, text, cfg, log, progress=not args.quiet)
+        result = scan(clip, few, held, text, cfg, log, progress=not args.quiet and main_rank)
     report = {
         "verdict": result["verdict"], "suspected_target": result["suspected_target"],
         "flagged_by": result["flagged_by"], "checks": result["checks"],
@@ -159,8 +162,11 @@ def run(args):
         "inversion": {"mask": cfg.mask.as_dict(), "stripes": cfg.stripes.as_dict() if cfg.use_stripes else None},
         "model": args.model, "checkpoint": str(checkpoint) if checkpoint else None, "pretrained": args.pretrained,
         "dataset": args.dataset, "classes": few.classes, "shots": args.shots, "holdout_images": 0 if held is None else len(held),
-        "device": str(device), "precision": precision, "seconds": round(time.time() - t0, 2),
+        "device": str(device), "precision": precision, "ranks": distributed.world(),
+        "seconds": round(time.time() - t0, 2),
     }
+    if not main_rank:   # every rank holds the same result; rank 0 writes it
+        return report
     with atomic_dir(out_dir) as tmp:
         save_png(tmp / "trigger.png", result["trigger_image"])
         det.save_tensors(tmp / "triggers.safetensors", result)

@@ -68,3 +68,30 @@ def test_a_failing_rank_stops_the_job_and_writes_nothing(tmp_path):
     assert proc.returncode != 0
     assert "error (rank 1 of 2): injected failure on this rank" in proc.stderr, proc.stderr[-3000:]
     assert not out.exists() and not list(tmp_path.glob(".run*"))
+
+
+SCAN_ARGS = ["--lab", "badnet", "--shots", "3", "--steps", "4", "--stripe-steps", "2", "--quiet"]
+
+
+@pytest.mark.slow
+def test_two_gloo_ranks_scan_like_one_process(tmp_path):
+    """Each rank inverts its share of the classes (and stripe candidates); the gradients and the
+    per-class measurements are gathered, so the evidence is one process's."""
+    from engine import scan
+    one = tmp_path / "one"
+    scan.main(SCAN_ARGS + ["--out", str(one)])
+    two = tmp_path / "two"
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                           "--master_port", str(_free_port()), "-m", "engine.scan", *SCAN_ARGS, "--out", str(two)],
+                          env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    a, b = (json.loads((d / "scan.json").read_text()) for d in (one, two))
+    assert (a["ranks"], b["ranks"]) == (1, 2)
+    assert (a["verdict"], a["suspected_target"], a["flagged_by"]) == (b["verdict"], b["suspected_target"], b["flagged_by"])
+    for family, key in (("mask", "sizes"), ("warp", "shares")):
+        assert a[family][key] == pytest.approx(b[family][key], rel=1e-4, abs=1e-4)
+    for o in a["stripes"]["shares"]:
+        assert a["stripes"]["shares"][o] == pytest.approx(b["stripes"]["shares"][o], abs=1e-6)
+    ta, tb = (load_file(str(d / "triggers.safetensors")) for d in (one, two))
+    for k in ta:
+        torch.testing.assert_close(ta[k], tb[k], atol=1e-4, rtol=1e-4)

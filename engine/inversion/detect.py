@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
+from .. import distributed
 from ..evaluate import predict
 from ..io import atomic_path
 from . import stripes as stripe_inversion
@@ -56,6 +57,13 @@ def flip_shares(labels, clean_pred, trig_pred, n_classes):
     return shares
 
 
+def per_candidate(n, value_of):
+    """[value_of(i) for i in range(n)], each torchrun rank computing its contiguous share (one process: all)."""
+    lo, hi = distributed.bounds(n)
+    mine = torch.tensor([float(value_of(i)) for i in range(lo, hi)], dtype=torch.float64)
+    return distributed.fill_rows(mine, n, lo).tolist()
+
+
 def anomaly_index(shares, k, floor=MAD_FLOOR):
     """MAD z-score of class k's share against the other classes' shares (Neural Cleanse style)."""
     others = [s for i, s in enumerate(shares) if i != k]
@@ -84,12 +92,15 @@ def stripe_evidence(clip, few, text, cfg, probe, clean_pred, progress=False):
     that share's anomaly index among its orientation's classes, and every share."""
     t0 = time.time()
     patterns, _ = stripe_inversion.invert_stripes(clip, few.images, text, cfg, progress)
-    shares = {}
-    for o, p in patterns.items():
-        shares[o] = [flip_shares(probe.labels, clean_pred,
-                                 predict(clip, probe.images, text, transform=lambda x: stripe_inversion.add_pattern(x, p[k])),
-                                 len(few.classes))[k]
-                     for k in range(len(few.classes))]
+    K, orientations = len(few.classes), list(patterns)
+
+    def share(i):
+        o, k = divmod(i, K)
+        p = patterns[orientations[o]][k]
+        return flip_shares(probe.labels, clean_pred, predict(clip, probe.images, text,
+                           transform=lambda x: stripe_inversion.add_pattern(x, p)), K)[k]
+    flat = per_candidate(len(orientations) * K, share)
+    shares = {o: flat[i * K:(i + 1) * K] for i, o in enumerate(orientations)}
     o, k = max(((o, k) for o in shares for k in range(len(few.classes))), key=lambda ok: shares[ok[0]][ok[1]])
     return {"orientation": o, "target": few.classes[k], "target_index": k, "target_share": shares[o][k],
             "anomaly_index": anomaly_index(shares[o], k),
@@ -102,9 +113,9 @@ def warp_evidence(clip, few, text, cfg, probe, clean_pred, progress=False):
     sends the largest share of the probe images there, and that share's anomaly index."""
     t0 = time.time()
     (grids, _), _, _ = targeted.invert(clip, few.images, few.labels, text, cfg, progress=progress, family="warp")
-    shares = [flip_shares(probe.labels, clean_pred,
-                          predict(clip, probe.images, text, transform=lambda x: targeted.warp(x, grids[k])),
-                          len(few.classes))[k] for k in range(len(few.classes))]
+    shares = per_candidate(len(few.classes), lambda k: flip_shares(
+        probe.labels, clean_pred, predict(clip, probe.images, text, transform=lambda x: targeted.warp(x, grids[k])),
+        len(few.classes))[k])
     k = max(range(len(shares)), key=shares.__getitem__)
     return {"target": few.classes[k], "target_index": k, "target_share": shares[k],
             "anomaly_index": anomaly_index(shares, k), "shares": dict(zip(few.classes, shares)),

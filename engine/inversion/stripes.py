@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from .. import distributed
 from ..optim import check_finite
 from ..evaluate import image_features
 
@@ -63,6 +64,8 @@ def invert_stripes(clip, images, text, cfg, progress=False):
     opt = torch.optim.Adam([z], lr=cfg.lr)
     images, text = images.to(clip.device), text.to(clip.device)
     candidates = [(o, c) for o in ORIENTATIONS for c in range(k)]
+    split = distributed.active() and len(candidates) >= distributed.world()
+    lo, hi = distributed.bounds(len(candidates)) if split else (0, len(candidates))   # this rank's candidates
     per_chunk = max(1, cfg.chunk // cfg.batch)
     history = []
     bar = tqdm(range(cfg.steps), desc="stripe inversion", file=sys.stderr, disable=not progress, mininterval=2)
@@ -70,8 +73,8 @@ def invert_stripes(clip, images, text, cfg, progress=False):
         x = images[torch.randperm(len(images), generator=g)[:cfg.batch].to(clip.device)]
         opt.zero_grad(set_to_none=True)
         total = 0.0
-        for i in range(0, len(candidates), per_chunk):     # gradients accumulate over the chunks
-            part = candidates[i:i + per_chunk]
+        for i in range(lo, hi, per_chunk):     # gradients accumulate over the chunks
+            part = candidates[i:min(i + per_chunk, hi)]
             patterns = stripe_patterns(z, cfg.eps)
             xs = torch.cat([add_pattern(x, patterns[o][c]) for o, c in part])
             target = torch.tensor([c for _, c in part], device=clip.device).repeat_interleave(len(x))
@@ -81,6 +84,9 @@ def invert_stripes(clip, images, text, cfg, progress=False):
                          hint=f"lower the stripe lr (now {cfg.lr}) or check the model and data")
             loss.backward()
             total += loss.item()
+        if split:   # each candidate's gradient came from one rank: the sum is the whole step's
+            distributed.sum_gradients([z])
+            total = distributed.sum_value(total)
         opt.step()
         history.append(total)
         bar.set_postfix(loss=f"{history[-1]:.3f}")

@@ -4,7 +4,8 @@ under the model's zero-shot classifier. A backdoor target needs a far smaller ma
 class; the outlier test over classes (MAD anomaly index of the mask sizes) finds it.
 
 All classes are optimised together (one batch of K x B images a step), so a step costs K x B forward
-and backward passes; for many classes `classes=` restricts the search to a candidate subset."""
+and backward passes; for many classes `classes=` restricts the search to a candidate subset, and under
+torchrun each rank runs its share of the classes (engine.distributed)."""
 import math
 import statistics
 import sys
@@ -14,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from .. import distributed
 from ..errors import UserError
 from ..optim import descend
 from ..evaluate import image_features
@@ -62,8 +64,8 @@ class MaskFamily:
         self.pattern_logit.requires_grad_(True)
         self.params = [self.mask_logit, self.pattern_logit]
 
-    def apply(self, x):
-        return stamp(x, torch.sigmoid(self.mask_logit), torch.sigmoid(self.pattern_logit))
+    def apply(self, x, rows=slice(None)):
+        return stamp(x, torch.sigmoid(self.mask_logit[rows]), torch.sigmoid(self.pattern_logit[rows]))
 
     def size(self):
         return torch.sigmoid(self.mask_logit).flatten(1).sum(1)
@@ -80,8 +82,8 @@ class AdditiveFamily:
         self.delta = (torch.randn(K, 1, 3, s, s, generator=g) * 1e-3).to(dev).requires_grad_(True)
         self.params = [self.delta]
 
-    def apply(self, x):
-        return (x + self.delta).clamp(0, 1)
+    def apply(self, x, rows=slice(None)):
+        return (x + self.delta[rows]).clamp(0, 1)
 
     def size(self):
         return self.delta.flatten(1).norm(dim=1)
@@ -108,9 +110,9 @@ class WarpFamily:
         yy, xx = torch.meshgrid(ramp, ramp, indexing="ij")
         return (torch.stack([xx, yy], dim=-1)[None] + field).clamp(-1, 1)      # (K, S, S, 2)
 
-    def apply(self, x):
+    def apply(self, x, rows=slice(None)):
         K, B = x.shape[:2]
-        grid = self.grids()[:, None].expand(K, B, -1, -1, -1).flatten(0, 1)
+        grid = self.grids()[rows][:, None].expand(K, B, -1, -1, -1).flatten(0, 1)
         return F.grid_sample(x.flatten(0, 1), grid, mode="bilinear", padding_mode="border",
                              align_corners=True).view_as(x)
 
@@ -152,24 +154,29 @@ def invert(clip, images, labels, text, cfg, classes=None, progress=False, encode
     adaptive = cfg.adaptive and family == "mask" and init is None
     lam = torch.full((K,), float(lam), device=dev)
     best, prev = None, None   # adaptive: per class, the smallest trigger that reached k (size, result tensors)
+    split = distributed.active() and K >= distributed.world()   # refining one class: every rank runs it whole
+    lo, hi = distributed.bounds(K) if split else (0, K)          # this rank's classes
+    mine = target.view(K, B)[lo:hi].flatten()
     history = []
     bar = tqdm(range(steps or cfg.steps), desc=f"{family} inversion", file=sys.stderr, disable=not progress, mininterval=2)
     for step in bar:
         idx = torch.stack([p[torch.randint(len(p), (B,), generator=g).to(dev)] for p in pools])  # (K, B)
-        x = fam.apply(images[idx]).flatten(0, 1)
+        x = fam.apply(images[idx[lo:hi]], rows=slice(lo, hi)).flatten(0, 1)
         logits = LOGIT_SCALE * image_features(clip, x, encode) @ text.t()
-        ce = F.cross_entropy(logits, target, reduction="none").view(K, B).mean(1)
+        ce = F.cross_entropy(logits, mine, reduction="none").view(hi - lo, B).mean(1)
         size = fam.size()
         if adaptive:  # the trigger before this step: does it reach k, and is it the smallest so far that does?
             with torch.no_grad():
-                now = (logits.argmax(1) == target).view(K, B).float().mean(1) >= cfg.success
+                hits = (logits.argmax(1) == mine).view(hi - lo, B).float().mean(1)
+                now = (distributed.fill_rows(hits, K, lo) if split else hits) >= cfg.success
                 # a snapshot must reach k on two batches in a row: one lucky batch keeps too weak a trigger
                 reached = now & (prev if step else torch.zeros_like(now))
                 best = _keep_smallest(best, reached, size.detach(), fam.result())
                 lam, prev = torch.where(now, lam * cfg.lam_factor, lam / cfg.lam_factor), now
-        loss = (ce + lam * size).sum()
+        loss = (ce + lam[lo:hi] * size[lo:hi]).sum()   # each rank's classes; descend sums the ranks' gradients
         history.append(descend(loss, opt, where=f"{family} trigger inversion step {step + 1}",
-                               hint="lower the inversion lr or check the model and data") / K)
+                               hint="lower the inversion lr or check the model and data",
+                               sharded=split) / K)
         bar.set_postfix(loss=f"{history[-1]:.3f}")
     with torch.no_grad():
         sizes, result = fam.size(), fam.result()
