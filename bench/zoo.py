@@ -154,7 +154,8 @@ def stale_defense(cell, cached, quick, seed):
     repair cell without its settings recorded counts as stale; older RVPT/CBPT cells are kept)."""
     if "config" not in cached:
         return cell == "repair"
-    return _without_cuts(cached["config"]) != _without_cuts(json.loads(json.dumps(defense_config(cell, quick, seed).as_dict())))
+    return not _same(_without_cuts(cached["config"]),
+                     _without_cuts(json.loads(json.dumps(defense_config(cell, quick, seed).as_dict()))))
 
 
 def _without_cuts(cfg):
@@ -170,11 +171,19 @@ def inversion_settings(cfg):
     return {k: v for k, v in cfg.as_dict().items() if not k.startswith("min_")}
 
 
+def _same(stored, current):
+    """Settings equal, except that a field added since the cell was stored (absent there) is ignored: new
+    fields come at defaults that keep the old behaviour (e.g. a family the detector does not run)."""
+    if isinstance(stored, dict) and isinstance(current, dict):
+        return set(stored) <= set(current) and all(_same(v, current[k]) for k, v in stored.items())
+    return stored == current
+
+
 def stale(scan_cell, quick):
     """True when the cached scan's evidence came from other inversion settings, or when the current
     thresholds would give it another verdict or flagging family."""
     from engine.inversion.detect import decide
-    if scan_cell.get("inversion") != inversion_settings(detect_config(quick)):
+    if not _same(scan_cell.get("inversion"), inversion_settings(detect_config(quick))):
         return True
     _, _, family = decide(scan_cell["mask"], scan_cell["stripes"], detect_config(quick), scan_cell.get("warp"))
     return family != scan_cell["flagged_by"]

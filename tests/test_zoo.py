@@ -115,3 +115,18 @@ def test_kind_splits_poisoned_models_by_their_no_defense_asr():
 def test_auroc_edge_cases():
     assert bench_zoo.auroc([1.0], []) is None
     assert bench_zoo.auroc([2.0, 3.0], [1.0]) == 1.0 and bench_zoo.auroc([1.0], [1.0]) == 0.5
+
+
+def test_cached_settings_stay_valid_when_only_a_new_field_appears():
+    stored = {"steps": 100, "mask": {"lr": 0.1}}
+    assert bench_zoo._same(stored, {"steps": 100, "mask": {"lr": 0.1, "blend_alpha": 0.2}, "new": 1})
+    assert not bench_zoo._same(stored, {"steps": 50, "mask": {"lr": 0.1}})
+    assert not bench_zoo._same(stored, {"mask": {"lr": 0.1}})              # a field gone is a change
+
+
+def test_sweep_configs_split_on_commas_outside_json_values():
+    from bench.zoo_sweep import parse_config
+    assert parse_config('b:extra=["blend","mask"],adv_steps=3') == ("b", ['extra=["blend","mask"]', "adv_steps=3"])
+    assert parse_config("default:") == ("default", [])
+    with pytest.raises(SystemExit, match="NAME:FIELD=VALUE"):
+        parse_config("no-colon")

@@ -9,12 +9,13 @@ p = prompted encoder, f = the frozen one, T = the inverted trigger of the family
 (engine.inversion.detect: a stamped mask + pattern, stripes or a warp). When the detector reads the model clean,
 nothing is tuned unless `always` (then T is the mask inversion's trigger): a clean model costs nothing."""
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import torch
 import torch.nn.functional as F
 
 from .. import distributed, prompted_vit
+from ..errors import UserError
 from ..augment import augment
 from ..inversion import detect as det
 from ..inversion import LOGIT_SCALE, targeted
@@ -35,6 +36,12 @@ class RepairConfig:
     adv_lr: float = 0.02         # adversarial: Adam on the trigger's mask and pattern logits (0.1 cost more CA)
     adv_steps: int = 1           # adversarial: trigger steps before each prompt step
     adversarial_stripes: bool = True    # stripe triggers too (the pattern re-optimised within the stripes' eps)
+    # stand-ins of other families beside the flagged one, each inverted towards the suspected target on
+    # the shots (extra_steps) and then adversarial like it: "blend" (a global pattern at blend_alpha, the
+    # family a small mask stands in for worst), "mask" (when stripes or a warp flagged)
+    extra: tuple = ()
+    extra_steps: int = 100
+    blend_alpha: float = 0.2
     start: int = 0               # D: unprompted leading blocks
     tokens: int = 16             # b: prompt tokens per block
     init_std: float = 0.02
@@ -72,16 +79,13 @@ class _Stripe:
 
 
 class AdversarialTrigger:
-    """A trigger that keeps adapting to the prompts being tuned: before each prompt step, one Adam step on
-    its parameters towards CE(prompted logits, k) (+ adv_lam * sum(m) for a mask), so the prompts must
-    defeat every trigger near the inverted one, not just the one the inversion happened to find. Built
-    from a stamped mask + pattern (mask=) or a bounded stripe pattern (stripe=, eps=)."""
+    """A trigger that keeps adapting to the prompts being tuned: before each prompt step, adv_steps Adam
+    steps on its parameters towards CE(prompted logits, k) (+ adv_lam * its size, a mask's sum(m)), so the
+    prompts must defeat every trigger near the inverted one, not just the one the inversion happened to
+    find. `fam`: one trigger's parameters (targeted.MaskFamily / BlendFamily of one class, or _Stripe)."""
 
-    def __init__(self, k, text, cfg, mask=None, pattern=None, stripe=None, eps=None):
-        if stripe is None:
-            self.fam = targeted.MaskFamily(1, mask.shape[-1], None, None, mask.device, init=(mask[None], pattern[None]))
-        else:
-            self.fam = _Stripe(stripe, eps)
+    def __init__(self, k, text, cfg, fam):
+        self.fam = fam
         self.opt = torch.optim.Adam(self.fam.params, lr=cfg.adv_lr)
         self.k, self.text, self.lam, self.steps = k, text, cfg.adv_lam, cfg.adv_steps
 
@@ -99,11 +103,13 @@ class AdversarialTrigger:
             return self.fam.apply(x)[0]
 
 
-def tune_prompts(clip, images, trigger, cfg, backend="shared", progress=True, neutral=None):
-    """Deep visual prompts distilled from the frozen encoder on clean and T-triggered images. The
-    triggered images' target is f(neutral(x)) (default f(x)): for a stamped trigger, the same region
-    filled with noise, so the prompts need not recover what the stamp hides, only ignore what it shows.
-    A `trigger` with a `step` method (AdversarialTrigger) is updated against the prompts before each step."""
+def tune_prompts(clip, images, triggers, cfg, backend="shared", progress=True, neutral=None):
+    """Deep visual prompts distilled from the frozen encoder on clean and T-triggered images, for every T
+    in `triggers` (one callable or a list; their terms are averaged). The triggered images' target is
+    f(neutral(x)) (default f(x)): for a stamped trigger, the same region filled with noise, so the prompts
+    need not recover what the stamp hides, only ignore what it shows. A trigger with a `step` method
+    (AdversarialTrigger) is updated against the prompts before each step."""
+    triggers = list(triggers) if isinstance(triggers, (list, tuple)) else [triggers]
     torch.manual_seed(cfg.seed)
     prompts = prompted_vit.VisualPrompts.for_visual(clip.visual, cfg.start, cfg.tokens, cfg.init_std).to(clip.device)
     opt = torch.optim.SGD(prompts.parameters(), lr=cfg.lr, momentum=cfg.momentum)
@@ -119,20 +125,22 @@ def tune_prompts(clip, images, trigger, cfg, backend="shared", progress=True, ne
         if cfg.mixup:
             lam = torch.rand(n, 1, 1, 1, generator=g).to(x)
             mixed = [lam * x + (1 - lam) * x[torch.randperm(n, generator=g).to(x.device)]]
-        if hasattr(trigger, "step"):   # on the whole batch, on every rank alike (not sharded)
-            trigger.step(clip, prompts, x, backend)
-        triggered = trigger(x)
+        for t in triggers:
+            if hasattr(t, "step"):   # on the whole batch, on every rank alike (not sharded)
+                t.step(clip, prompts, x, backend)
+        triggered = [t(x) for t in triggers]
         hidden = x if neutral is None else neutral(x)
         # every random draw above was made for the whole batch; under torchrun each rank takes its share
-        x, triggered, hidden, *mixed, weight = distributed.shard(x, triggered, hidden, *mixed)
+        x, hidden, *parts, weight = distributed.shard(x, hidden, *triggered, *mixed)
+        triggered, mixed = parts[:len(triggers)], parts[len(triggers):]
         clean = torch.cat([x, *mixed])
-        both = clip.normalise(torch.cat([clean, triggered]))
+        both = clip.normalise(torch.cat([clean, *triggered]))
         with torch.no_grad():
             target = clip.encode_image(both[:len(clean)])
             target_t = target[:len(x)] if neutral is None else clip.encode_image(clip.normalise(hidden))
         z = prompted_vit.forward(clip.visual, prompts, both, backend)["feature"]
         return weight * (cfg.w_clean * distill_loss(z[:len(clean)], target)
-                         + cfg.w_trigger * distill_loss(z[len(clean):], target_t))
+                         + cfg.w_trigger * distill_loss(z[len(clean):], target_t.repeat(len(triggers), 1)))
 
     history = minibatch_epochs(n, cfg.batch, cfg.epochs, g, loss_of, opt, sched, desc="repair prompts",
                                hint=f"lower the repair lr (now {cfg.lr})", progress=progress, device=clip.device,
@@ -154,15 +162,39 @@ def tune(clip, train, text, cfg, backend="shared", progress=True, log=None, dete
                 clip, train.images, train.labels, text, found["suspected_target"], m, p, cfg.detect.mask,
                 cfg.refine_lam_factor, cfg.refine_steps, progress)
         m, p = m.to(clip.device), p.to(clip.device)
-        trigger = AdversarialTrigger(found["suspected_target"], text.to(clip.device), cfg, mask=m, pattern=p) \
+        trigger = AdversarialTrigger(found["suspected_target"], text.to(clip.device), cfg, _mask_family(m, p)) \
             if cfg.adversarial else lambda x: targeted.stamp(x, m, p)  # noqa: E731
         if cfg.occluded_target:
             g = torch.Generator(device=clip.device).manual_seed(cfg.seed + 1)
             neutral = lambda x: targeted.stamp(x, m, torch.rand(x.shape, generator=g, device=x.device))  # noqa: E731
     elif found["flagged_by"] == "stripes" and cfg.adversarial_stripes:
         trigger = AdversarialTrigger(found["suspected_target"], text.to(clip.device), cfg,
-                                     stripe=found["stripe_pattern"].to(clip.device), eps=cfg.detect.stripes.eps)
-    prompts, history = tune_prompts(clip, train.images, trigger, cfg, backend, progress, neutral)
-    if isinstance(trigger, AdversarialTrigger) and found["flagged_by"] != "stripes":
+                                     _Stripe(found["stripe_pattern"].to(clip.device), cfg.detect.stripes.eps))
+    extras = [AdversarialTrigger(found["suspected_target"], text.to(clip.device), cfg,
+                                 _stand_in(family, clip, train, text, found, cfg, progress))
+              for family in cfg.extra if family != (found["flagged_by"] or "mask")]
+    prompts, history = tune_prompts(clip, train.images, [trigger, *extras], cfg, backend, progress, neutral)
+    if isinstance(trigger, AdversarialTrigger) and found["flagged_by"] in (None, "mask"):
         found["adversarial_mask_size"] = trigger.fam.size().item()
     return {"prompts": prompts, "detection": found, "history": history}
+
+
+def _mask_family(m, p):
+    return targeted.MaskFamily(1, m.shape[-1], None, None, m.device, init=(m[None], p[None]))
+
+
+def _stand_in(family, clip, train, text, found, cfg, progress):
+    """One class's trigger of `family` ("blend" or "mask") towards the suspected target, inverted on the
+    shots against the frozen model, as the parameters an AdversarialTrigger keeps adapting."""
+    k = found["suspected_target"]
+    if family == "mask" and found["mask"]["target_index"] == k:   # the detector's own mask inversion
+        m, p = (t.to(clip.device) for t in found["mask_trigger"])
+        return _mask_family(m, p)
+    if family not in ("mask", "blend"):
+        raise UserError(f"repair extra trigger family '{family}': use mask or blend")
+    inv = replace(cfg.detect.mask, blend_alpha=cfg.blend_alpha)
+    result, _, _ = targeted.invert(clip, train.images, train.labels, text, inv, classes=[k], family=family,
+                                   steps=cfg.extra_steps, progress=progress)
+    if family == "mask":
+        return _mask_family(result[0][0].to(clip.device), result[1][0].to(clip.device))
+    return targeted.BlendFamily(1, train.images.shape[-1], inv, None, clip.device, init=(result[0].to(clip.device),))

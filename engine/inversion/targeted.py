@@ -39,6 +39,7 @@ class TargetedConfig:
     warp_grid: int = 4         # warp family: control points per side
     warp_pixels: float = 3.0   # warp family: largest shift, px
     lr_warp: float = 0.1
+    blend_alpha: float = 0.2   # blend family: the pattern's weight over the whole image (the zoo's blends: 0.1-0.25)
     seed: int = 0
 
     def as_dict(self):
@@ -129,7 +130,31 @@ def warp(images, grid):
     return F.grid_sample(images, g, mode="bilinear", padding_mode="border", align_corners=True)
 
 
-FAMILIES = {"mask": MaskFamily, "additive": AdditiveFamily, "warp": WarpFamily}
+class BlendFamily:
+    """x' = (1 - a) x + a P over the whole image, a fixed (blend_alpha), P = sigmoid (K, 1, 3, S, S): a
+    global blended trigger. No size penalty: every class gets the same budget a, like the warps."""
+    name = "blend"
+
+    def __init__(self, K, s, cfg, g, dev, init=None):
+        self.alpha = cfg.blend_alpha
+        if init is None:
+            self.pattern_logit = (torch.randn(K, 1, 3, s, s, generator=g) * 0.1).to(dev)
+        else:  # continue from patterns (K, 3, S, S)
+            self.pattern_logit = torch.logit(init[0].clamp(1e-4, 1 - 1e-4)).unsqueeze(1).to(dev)
+        self.pattern_logit.requires_grad_(True)
+        self.params = [self.pattern_logit]
+
+    def apply(self, x, rows=slice(None)):
+        return (1 - self.alpha) * x + self.alpha * torch.sigmoid(self.pattern_logit[rows])
+
+    def size(self):
+        return self.pattern_logit.new_zeros(len(self.pattern_logit))
+
+    def result(self):
+        return torch.sigmoid(self.pattern_logit).detach()[:, 0], None
+
+
+FAMILIES = {"mask": MaskFamily, "additive": AdditiveFamily, "warp": WarpFamily, "blend": BlendFamily}
 
 
 def invert(clip, images, labels, text, cfg, classes=None, progress=False, encode=None, family="mask", init=None,
@@ -148,8 +173,8 @@ def invert(clip, images, labels, text, cfg, classes=None, progress=False, encode
     g = torch.Generator().manual_seed(cfg.seed)
     s, K, B = images.shape[-1], len(classes), cfg.batch
     fam = FAMILIES[family](K, s, cfg, g, dev, init)
-    lam = lam if lam is not None else {"mask": cfg.lam, "additive": cfg.lam_additive, "warp": 0.0}[family]
-    opt = torch.optim.Adam(fam.params, lr={"mask": cfg.lr, "additive": cfg.lr_additive, "warp": cfg.lr_warp}[family])
+    lam = lam if lam is not None else {"mask": cfg.lam, "additive": cfg.lam_additive}.get(family, 0.0)
+    opt = torch.optim.Adam(fam.params, lr={"additive": cfg.lr_additive, "warp": cfg.lr_warp}.get(family, cfg.lr))
     target = torch.tensor(classes, device=dev).repeat_interleave(B)
     adaptive = cfg.adaptive and family == "mask" and init is None
     lam = torch.full((K,), float(lam), device=dev)

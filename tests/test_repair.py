@@ -1,0 +1,56 @@
+"""The repair's pieces on the bundled lab models: the blend stand-in, several adversarial triggers at
+once, and the detection it reuses. Tiny step counts: the plumbing and the invariants, not the scores."""
+import pytest
+import torch
+
+from engine import data as D
+from engine.defenses import repair
+from engine.inversion import targeted
+from engine.models import bundled_checkpoint, load_model
+
+
+@pytest.fixture(scope="module")
+def lab():
+    clip = load_model("lab-vit", checkpoint=bundled_checkpoint("blended"))
+    train = D.load_fashion_mnist("train", limit=600)
+    few = train.subset(D.few_shot_indices(train.labels, 3, 0))
+    return clip, few, clip.text_features(few.classes, D.DEFAULT_TEMPLATES)
+
+
+def test_blend_family_moves_each_pixel_at_most_alpha_of_the_way(lab):
+    clip, few, text = lab
+    cfg = targeted.TargetedConfig(steps=3, batch=4, blend_alpha=0.15)
+    (patterns, none), sizes, losses = targeted.invert(clip, few.images, few.labels, text, cfg, classes=[8],
+                                                      family="blend")
+    assert none is None and sizes == [0.0] and len(losses) == 3
+    fam = targeted.BlendFamily(1, few.images.shape[-1], cfg, None, clip.device, init=(patterns,))
+    x = few.images[:5]
+    out = fam.apply(x)[0]
+    assert out.shape == x.shape
+    assert (out - x).abs().max() <= 0.15 + 1e-6           # (1 - a) x + a P with P in [0, 1]
+    torch.testing.assert_close(out, 0.85 * x + 0.15 * patterns[0], atol=2e-4, rtol=0)
+
+
+def test_stand_in_inverts_a_blend_towards_the_suspected_target(lab):
+    clip, few, text = lab
+    cfg = repair.RepairConfig(extra=("blend",), extra_steps=2, blend_alpha=0.2)
+    found = {"suspected_target": 8, "mask": {"target_index": 8}, "mask_trigger": None}
+    fam = repair._stand_in("blend", clip, few, text, found, cfg, progress=False)
+    assert isinstance(fam, targeted.BlendFamily) and fam.alpha == 0.2
+    with pytest.raises(Exception, match="use mask or blend"):
+        repair._stand_in("warp", clip, few, text, found, cfg, progress=False)
+
+
+def test_several_adversarial_triggers_are_all_updated_and_the_prompts_tuned(lab):
+    clip, few, text = lab
+    cfg = repair.RepairConfig(epochs=1, batch=8, adv_steps=2)
+    s = few.images.shape[-1]
+    mask = targeted.MaskFamily(1, s, targeted.TargetedConfig(), torch.Generator().manual_seed(0), clip.device)
+    blend = targeted.BlendFamily(1, s, targeted.TargetedConfig(), torch.Generator().manual_seed(1), clip.device)
+    before = [p.detach().clone() for fam in (mask, blend) for p in fam.params]
+    triggers = [repair.AdversarialTrigger(8, text, cfg, fam) for fam in (mask, blend)]
+    prompts, history = repair.tune_prompts(clip, few.images, triggers, cfg, progress=False)
+    after = [p.detach() for fam in (mask, blend) for p in fam.params]
+    assert all(not torch.equal(a, b) for a, b in zip(before, after))   # each trigger took its adversarial steps
+    assert len(history) == 1 and torch.isfinite(torch.tensor(history)).all()
+    assert any(p.abs().sum() > 0 for p in prompts.parameters()) and not any(p.requires_grad for p in prompts.parameters())
