@@ -69,7 +69,8 @@ def kind(model):
 
 def job_config(model, shots, eval_limit, seed):
     """The model's JobConfig: its checkpoint, and ASR measured with its own trigger and target."""
-    cfg = JobConfig(checkpoint=model["checkpoint"], shots=shots, seed=seed, eval_limit=eval_limit, fused=True)
+    cfg = JobConfig(checkpoint=model["checkpoint"], shots=shots, seed=seed, eval_limit=eval_limit, fused=True,
+                    unlabelled=SETTINGS.get("unlabelled", 0))
     if "record" in model:
         rec = model["record"]
         # a clean control has no trigger: ASR is measured with a harmless stand-in and not reported
@@ -121,7 +122,7 @@ def run_model(model, defenses, cache, shots, eval_limit, seed, quick, log, scan_
                                          detect_config(quick), job.clip.image_size)
             tuned = defend(job, cell, defense_config(cell, quick, seed))
             res = {**tuned.after, "tune_seconds": round(tuned.seconds, 2), **tuned.extra,
-                   "config": json.loads(json.dumps(tuned.config))}
+                   "config": json.loads(json.dumps(tuned.config)), "unlabelled": SETTINGS.get("unlabelled", 0)}
         res["seconds"] = round(time.time() - t0, 2)
         write_json(path, res)
         cells[cell] = res
@@ -130,12 +131,14 @@ def run_model(model, defenses, cache, shots, eval_limit, seed, quick, log, scan_
     return cells
 
 
-SETTINGS = {}   # --set FIELD=VALUE: overrides of every defense's config fields (a sweep on the dev split)
+# --set FIELD=VALUE: overrides of every defense's config fields (a sweep on the dev split); the field
+# `unlabelled` is the job's instead: extra clean train images without labels (engine.job.JobConfig)
+SETTINGS = {}
 
 
 def defense_config(cell, quick, seed):
     cfg = purify.config(cell, "lab-vit", epochs=QUICK_EPOCHS[cell] if quick else None, seed=seed)
-    return replace(cfg, **{k: v for k, v in SETTINGS.items() if hasattr(cfg, k)})
+    return replace(cfg, **{k: v for k, v in SETTINGS.items() if hasattr(cfg, k) and k != "unlabelled"})
 
 
 def _setting(text):
@@ -154,6 +157,8 @@ def stale_defense(cell, cached, quick, seed):
     repair cell without its settings recorded counts as stale; older RVPT/CBPT cells are kept)."""
     if "config" not in cached:
         return cell == "repair"
+    if cached.get("unlabelled", 0) != SETTINGS.get("unlabelled", 0):
+        return True
     return not _same(_without_cuts(cached["config"]),
                      _without_cuts(json.loads(json.dumps(defense_config(cell, quick, seed).as_dict()))))
 
@@ -348,7 +353,8 @@ def main(argv=None):
     args = p.parse_args(argv)
     SETTINGS.clear()
     SETTINGS.update(_setting(t) for t in args.set)
-    unknown = [k for k in SETTINGS if not any(hasattr(purify.config(d, "lab-vit"), k) for d in args.defenses)]
+    unknown = [k for k in SETTINGS if k != "unlabelled"
+               and not any(hasattr(purify.config(d, "lab-vit"), k) for d in args.defenses)]
     if unknown:
         raise SystemExit(f"--set: no defense among {args.defenses} has the field(s) {unknown}")
     t0 = time.time()

@@ -30,6 +30,7 @@ class JobConfig:
     trigger_seed: int = 0
     trigger_spec: str = None          # JSON spec or @FILE (engine/triggers/spec.py): replaces `attack`'s trigger
     shots: int = 16                   # clean labelled images per class
+    unlabelled: int = 0               # extra clean train images without labels (the repair distils on them too)
     eval_limit: int = None            # test images (None: all)
     seed: int = 0
     device: str = "auto"
@@ -100,6 +101,7 @@ class Job:
     tune_precision: str = "fp32"   # engine.precision, resolved for the device: tuning ...
     eval_precision: str = "fp32"   # ... and evaluation (the same from --precision; bench.precision varies this one)
     detection: object = None  # engine.inversion.detect's result on `train`, when already computed (bench.zoo)
+    unlabelled: object = None  # (N, 3, S, S) clean train images other than the shots, no labels (JobConfig.unlabelled)
 
 
 def prepare(args, log=print):
@@ -120,7 +122,9 @@ def prepare(args, log=print):
         raise UserError(f"{args.dataset} has a single class {test.classes}: zero-shot classification and "
                         f"ASR need at least two classes")
     target = resolve_target(args.target, test.classes)
-    train = train_all.subset(D.few_shot_indices(train_all.labels, args.shots, args.seed, train_all.classes))
+    shot_idx = D.few_shot_indices(train_all.labels, args.shots, args.seed, train_all.classes)
+    train = train_all.subset(shot_idx)
+    unlabelled = unlabelled_images(train_all, shot_idx, getattr(args, "unlabelled", 0), args.seed)
     trigger = (make_trigger(args.attack, clip.image_size, args.trigger_seed) if args.trigger_spec is None
                else spec_trigger(args.trigger_spec, clip.image_size))
     log(f"model {args.model} ({checkpoint or args.pretrained or 'random weights'}) on {device}; "
@@ -130,14 +134,29 @@ def prepare(args, log=print):
     text = clip.text_features(test.classes, D.DEFAULT_TEMPLATES)
     precision = P.resolve(args.precision, device)
     return Job(clip, train, test, trigger, target, text, D.DEFAULT_TEMPLATES, backend, checkpoint, args.model,
-               precision, precision)
+               precision, precision, unlabelled=unlabelled)
+
+
+def unlabelled_images(train_all, shot_idx, n, seed):
+    """n train images that are not shots (seeded draw), as a tensor: what a defender without labels may
+    hold beside the few labelled shots. None for n = 0."""
+    if n < 0:
+        raise UserError(f"--unlabelled must be 0 or more, not {n}")
+    if n == 0:
+        return None
+    taken = set(shot_idx)
+    rest = [i for i in range(len(train_all)) if i not in taken]
+    if n > len(rest):
+        raise UserError(f"--unlabelled {n}: only {len(rest)} train images are not shots")
+    g = torch.Generator().manual_seed(seed + 7)
+    return train_all.subset(sorted(rest[i] for i in torch.randperm(len(rest), generator=g)[:n].tolist())).images
 
 
 def defend(job, name, cfg=None, progress=False, log=None):
     """Run defense `name` (cfg: engine.purify.config's, default its defaults for the job's model) on the
     job's shots and measure it on the job's test set: a runs.Tuned whose `after` holds CA/ASR/PA."""
     opts = purify.Options(backend=job.backend, progress=progress, log=log, detection=job.detection,
-                          templates=job.templates)
+                          templates=job.templates, unlabelled=job.unlabelled)
     with P.run(job.tune_precision, job.clip.device, job.clip.model):
         tuned = purify.tune(name, job.clip, job.train, job.text,
                             cfg if cfg is not None else purify.config(name, job.model), opts)

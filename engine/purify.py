@@ -30,6 +30,7 @@ class Options:
     progress: bool = True
     log: Callable = None           # one-line progress notes (repair's detector), e.g. print
     detection: dict = None         # repair: engine.inversion.detect's result on these shots, if computed
+    unlabelled: object = None      # repair: extra clean images (N, 3, S, S) in [0, 1], no labels, if the defender has them
     templates: list = field(default_factory=lambda: list(DEFAULT_TEMPLATES))   # cleanclip's classifier
 
 
@@ -115,7 +116,7 @@ def _repair(clip, shots, text, cfg, opts):
     trigger stops working; nothing is tuned when the detector reads the model clean."""
     t0 = time.time()
     res = repair.tune(clip, shots, text, cfg, opts.backend, progress=opts.progress, log=opts.log,
-                      detection=opts.detection)
+                      detection=opts.detection, unlabelled=opts.unlabelled)
     found = res["detection"]
     extra = {"detection": {"verdict": found["verdict"], "flagged_by": found["flagged_by"],
                            "suspected_target": shots.classes[found["suspected_target"]], "checks": found["checks"],

@@ -60,6 +60,8 @@ def parse_args(argv=None):
                    help="measure ASR with this trigger instead of --attack's: a JSON spec (engine/triggers/spec.py) "
                         "or @FILE holding one, e.g. a backdoor zoo record")
     d.add_argument("--shots", type=int, default=16, help="clean labelled images per class")
+    d.add_argument("--unlabelled", type=int, default=0,
+                   help="extra clean train images without labels; the repair distils on them too (others ignore them)")
     d.add_argument("--eval-limit", type=int, default=None,
                    help="evaluate on N test images only (Fashion-MNIST: the first N; folder/csv data: a "
                         "class-balanced seeded subset)")

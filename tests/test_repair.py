@@ -54,3 +54,28 @@ def test_several_adversarial_triggers_are_all_updated_and_the_prompts_tuned(lab)
     assert all(not torch.equal(a, b) for a, b in zip(before, after))   # each trigger took its adversarial steps
     assert len(history) == 1 and torch.isfinite(torch.tensor(history)).all()
     assert any(p.abs().sum() > 0 for p in prompts.parameters()) and not any(p.requires_grad for p in prompts.parameters())
+
+
+def test_unlabelled_images_join_the_clean_distillation(lab):
+    clip, few, text = lab
+    cfg = repair.RepairConfig(epochs=1, batch=8)
+    trig = lambda x: targeted.stamp(x, torch.zeros(1, 32, 32), torch.zeros(3, 32, 32))  # noqa: E731 (no-op trigger)
+    extra = torch.rand(12, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    _, plain = repair.tune_prompts(clip, few.images, trig, cfg, progress=False)
+    _, more = repair.tune_prompts(clip, few.images, trig, cfg, progress=False, unlabelled=extra)
+    assert plain != more                      # the same seed and shots: only the extra images differ
+
+
+def test_job_draws_unlabelled_images_apart_from_the_shots():
+    from engine.errors import UserError
+    from engine.job import JobConfig, prepare, unlabelled_images
+    train = D.load_fashion_mnist("train", limit=300)
+    shots = D.few_shot_indices(train.labels, 2, 0)
+    imgs = unlabelled_images(train, shots, 25, 0)
+    assert imgs.shape == (25, 3, 32, 32)
+    assert not any(torch.equal(imgs[i], train.images[j]) for i in range(25) for j in shots)
+    assert unlabelled_images(train, shots, 0, 0) is None
+    with pytest.raises(UserError, match="only"):
+        unlabelled_images(train, shots, 1000, 0)
+    with pytest.raises(UserError, match="0 or more"):
+        prepare(JobConfig(shots=1, eval_limit=10, unlabelled=-1), log=lambda *a: None)

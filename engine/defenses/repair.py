@@ -103,12 +103,13 @@ class AdversarialTrigger:
             return self.fam.apply(x)[0]
 
 
-def tune_prompts(clip, images, triggers, cfg, backend="shared", progress=True, neutral=None):
+def tune_prompts(clip, images, triggers, cfg, backend="shared", progress=True, neutral=None, unlabelled=None):
     """Deep visual prompts distilled from the frozen encoder on clean and T-triggered images, for every T
     in `triggers` (one callable or a list; their terms are averaged). The triggered images' target is
     f(neutral(x)) (default f(x)): for a stamped trigger, the same region filled with noise, so the prompts
     need not recover what the stamp hides, only ignore what it shows. A trigger with a `step` method
-    (AdversarialTrigger) is updated against the prompts before each step."""
+    (AdversarialTrigger) is updated against the prompts before each step. `unlabelled`: extra clean images;
+    each step distils a batch of them too (the epochs still run over `images`)."""
     triggers = list(triggers) if isinstance(triggers, (list, tuple)) else [triggers]
     torch.manual_seed(cfg.seed)
     prompts = prompted_vit.VisualPrompts.for_visual(clip.visual, cfg.start, cfg.tokens, cfg.init_std).to(clip.device)
@@ -125,6 +126,9 @@ def tune_prompts(clip, images, triggers, cfg, backend="shared", progress=True, n
         if cfg.mixup:
             lam = torch.rand(n, 1, 1, 1, generator=g).to(x)
             mixed = [lam * x + (1 - lam) * x[torch.randperm(n, generator=g).to(x.device)]]
+        if unlabelled is not None:   # as many extra clean images as shots in the batch
+            u = unlabelled[torch.randint(len(unlabelled), (n,), generator=g)].to(x.device)
+            mixed.append(augment(u, g) if cfg.augment else u)
         for t in triggers:
             if hasattr(t, "step"):   # on the whole batch, on every rank alike (not sharded)
                 t.step(clip, prompts, x, backend)
@@ -148,7 +152,7 @@ def tune_prompts(clip, images, triggers, cfg, backend="shared", progress=True, n
     return prompts.requires_grad_(False), history
 
 
-def tune(clip, train, text, cfg, backend="shared", progress=True, log=None, detection=None):
+def tune(clip, train, text, cfg, backend="shared", progress=True, log=None, detection=None, unlabelled=None):
     """Returns {'prompts' (None if nothing was tuned), 'detection' (engine.inversion.detect's), 'history'}.
     `detection`: detect()'s result on these shots with cfg.detect, if already computed (engine.scan's)."""
     found = detection or det.detect(clip, train, text, cfg.detect, progress=progress, log=log)
@@ -173,7 +177,7 @@ def tune(clip, train, text, cfg, backend="shared", progress=True, log=None, dete
     extras = [AdversarialTrigger(found["suspected_target"], text.to(clip.device), cfg,
                                  _stand_in(family, clip, train, text, found, cfg, progress))
               for family in cfg.extra if family != (found["flagged_by"] or "mask")]
-    prompts, history = tune_prompts(clip, train.images, [trigger, *extras], cfg, backend, progress, neutral)
+    prompts, history = tune_prompts(clip, train.images, [trigger, *extras], cfg, backend, progress, neutral, unlabelled)
     if isinstance(trigger, AdversarialTrigger) and found["flagged_by"] in (None, "mask"):
         found["adversarial_mask_size"] = trigger.fam.size().item()
     return {"prompts": prompts, "detection": found, "history": history}
