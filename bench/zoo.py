@@ -159,8 +159,9 @@ def stale_defense(cell, cached, quick, seed):
         return cell == "repair"
     if cached.get("unlabelled", 0) != SETTINGS.get("unlabelled", 0):
         return True
-    return not _same(_without_cuts(cached["config"]),
-                     _without_cuts(json.loads(json.dumps(defense_config(cell, quick, seed).as_dict()))))
+    as_json = lambda cfg: _without_cuts(json.loads(json.dumps(cfg.as_dict())))  # noqa: E731
+    return not _same(_without_cuts(cached["config"]), as_json(defense_config(cell, quick, seed)),
+                     as_json(purify.config(cell, "lab-vit")))
 
 
 def _without_cuts(cfg):
@@ -176,11 +177,13 @@ def inversion_settings(cfg):
     return {k: v for k, v in cfg.as_dict().items() if not k.startswith("min_")}
 
 
-def _same(stored, current):
-    """Settings equal, except that a field added since the cell was stored (absent there) is ignored: new
-    fields come at defaults that keep the old behaviour (e.g. a family the detector does not run)."""
+def _same(stored, current, default):
+    """Settings equal, where a field added since the cell was stored (absent there) counts as unchanged
+    while it holds its default: new fields come with defaults that keep the old behaviour."""
     if isinstance(stored, dict) and isinstance(current, dict):
-        return set(stored) <= set(current) and all(_same(v, current[k]) for k, v in stored.items())
+        return set(stored) <= set(current) and all(
+            _same(stored[k], v, default.get(k) if isinstance(default, dict) else None) if k in stored
+            else v == (default.get(k) if isinstance(default, dict) else None) for k, v in current.items())
     return stored == current
 
 
@@ -188,7 +191,7 @@ def stale(scan_cell, quick):
     """True when the cached scan's evidence came from other inversion settings, or when the current
     thresholds would give it another verdict or flagging family."""
     from engine.inversion.detect import decide
-    if not _same(scan_cell.get("inversion"), inversion_settings(detect_config(quick))):
+    if not _same(scan_cell.get("inversion"), inversion_settings(detect_config(quick)), inversion_settings(detect_config(False))):
         return True
     _, _, family = decide(scan_cell["mask"], scan_cell["stripes"], detect_config(quick), scan_cell.get("warp"))
     return family != scan_cell["flagged_by"]
@@ -261,7 +264,7 @@ def aggregate(rows, defenses):
 
 
 def _f(v, fmt="{:.2f}"):
-    return "-" if v is None else fmt.format(v)
+    return "-" if v is None else fmt.format(round(v, 6) + 0.0)   # + 0.0: no "-0.00" from rounding noise
 
 
 def markdown(split, rows, agg, defenses, missing, cmd, seconds):
