@@ -12,6 +12,8 @@ import time
 from dataclasses import asdict, dataclass, field, replace
 from typing import Callable
 
+import torch.nn.functional as F
+
 from . import prompted_vit
 from .data import DEFAULT_TEMPLATES
 from .defenses import cbpt, cleanclip, linear_probe, repair, rvpt
@@ -125,7 +127,8 @@ def _repair(clip, shots, text, cfg, opts):
     if res["prompts"] is None:
         return Tuned("repair", {}, time.time() - t0, 0, cfg.as_dict(), [], extra=extra)
     return Tuned("repair", {}, time.time() - t0, prompted_vit.parameter_count(res["prompts"]), cfg.as_dict(),
-                 res["history"], backend=opts.backend, prompts=res["prompts"], start=cfg.start, extra=extra)
+                 res["history"], backend=opts.backend, prompts=res["prompts"], start=cfg.start, extra=extra,
+                 gate=found["suspected_target"] if cfg.gate else None)
 
 
 # ---------------------------------------------------------------- configs
@@ -190,9 +193,25 @@ def _encoder(prompts, backend, clip):
     return prompted_vit.encoder(clip.visual, prompts, "shared" if backend in ("naive", "torch") else backend)
 
 
+def gated(frozen, prompted, text, k):
+    """Features that classify as the frozen encoder's except where it predicts class k: there (and only
+    there, so at a fraction of the cost) the prompted encoder's. A repaired backdoor sends triggered images
+    to k under the frozen model, so the prompts still see every one of them, while the clean images the
+    frozen model puts in other classes keep its answer and cost no accuracy."""
+    def encode(x):
+        z = frozen(x)
+        pick = (F.normalize(z.float(), dim=-1) @ text.t().to(z.device)).argmax(1) == k
+        if pick.any():
+            z = z.clone()
+            z[pick] = prompted(x[pick]).to(z.dtype)
+        return z
+    return encode
+
+
 def tuned_view(tuned, clip, text, classes, templates=DEFAULT_TEMPLATES):
-    """(clip, encode, classifier) that classify as the tuned defense does: fine-tuned weights, then prompts,
-    then a tuned classifier, each where the defense has one."""
+    """(clip, encode, classifier) that classify as the tuned defense does: fine-tuned weights, then prompts
+    (gated to the frozen model's predictions of one class where the defense says so), then a tuned
+    classifier, each where the defense has one."""
     import dataclasses
     encode = None
     if tuned.model is not None:
@@ -202,6 +221,8 @@ def tuned_view(tuned, clip, text, classes, templates=DEFAULT_TEMPLATES):
         encode = _encoder(tuned.prompts, tuned.backend, clip)
     if tuned.classifier is not None:
         text = tuned.classifier
+    if tuned.prompts is not None and tuned.gate is not None:
+        encode = gated(clip.encode_image, encode, text, tuned.gate)
     return clip, encode, text
 
 

@@ -2,7 +2,8 @@
 
 What a defense changes decides what its run keeps; every safetensors file carries the same metadata
 (model spec, classes, templates, CA/ASR before and after) as JSON strings:
-- prompts.safetensors     RVPT / VPT visual prompts (L - D, b, W); metadata 'start' = D
+- prompts.safetensors     RVPT / VPT visual prompts (L - D, b, W); metadata 'start' = D and 'gate' = the
+                          class index whose frozen predictions the prompts re-examine (the repair), or null
 - classifier.safetensors  a (K, E) matrix replacing the text features, logits = logit_scale * z @ C.t()
                           (CBPT / CoOp tuned class features, the linear probe's weights)
 - model.safetensors       a whole fine-tuned CLIP (CleanCLIP)
@@ -37,6 +38,7 @@ class Tuned:
     context: object = None       # CBPT's (K, M, W) class-wise context, kept for inspection
     model: object = None         # a fine-tuned torch CLIP (whole-model defenses)
     trigger: tuple = None        # (mask, pattern) of an inverted trigger
+    gate: int = None             # prompts apply only where the frozen model predicts this class (the repair)
     extra: dict = field(default_factory=dict)
 
 
@@ -57,7 +59,7 @@ def write(folder, tuned, meta):
     """Write the files `tuned` calls for into `folder` (engine.tune passes a temp dir, renamed later)."""
     folder = Path(folder)
     if tuned.prompts is not None:
-        save_prompts(folder / PROMPTS, tuned.prompts, {**meta, "start": tuned.start})
+        save_prompts(folder / PROMPTS, tuned.prompts, {**meta, "start": tuned.start, "gate": tuned.gate})
     if tuned.classifier is not None:
         extra = {} if tuned.context is None else {"context": tuned.context}
         _save(folder / CLASSIFIER, {"classifier": tuned.classifier, **extra}, meta)
@@ -98,6 +100,10 @@ class Run:
     @property
     def start(self):
         return int(self.meta["start"]) if self.prompts is not None else None
+
+    @property
+    def gate(self):
+        return self.meta.get("gate") if self.prompts is not None else None
 
 
 def read(folder):

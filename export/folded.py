@@ -19,10 +19,13 @@ from engine.models import load_model
 
 class FoldedClassifier(nn.Module):
     """Normalised images (N, 3, S, S) -> (logits (N, K), L2-normalised image features (N, E)).
-    prompts=None gives the unprompted (no-defense) model through the same code path."""
+    prompts=None gives the unprompted (no-defense) model through the same code path. gate=k (the repair's
+    suspected target): the prompted answer only where the unprompted model predicts k, else the
+    unprompted one (engine.purify.gated); both streams run from block D on."""
 
-    def __init__(self, visual, classifier, logit_scale, prompts=None, start=None):
+    def __init__(self, visual, classifier, logit_scale, prompts=None, start=None, gate=None):
         super().__init__()
+        self.gate = None if prompts is None or gate is None else int(gate)
         blocks = visual.transformer.resblocks
         self.visual = visual
         self.start = len(blocks) if prompts is None else int(start)
@@ -42,13 +45,24 @@ class FoldedClassifier(nn.Module):
         return 0 if kv is None else kv.shape[2]
 
     def forward(self, images):
-        blocks = self.visual.transformer.resblocks
         h = self.visual._embeds(images)
-        for i, blk in enumerate(blocks):
-            kv = getattr(self, f"prompt_kv_{i}") if i >= self.start else None
-            h = prompted_vit.shared_block(blk, h, kv, cls_only=self.cls_only and i == len(blocks) - 1)
-        z = F.normalize(prompted_vit._head(self.visual, h), dim=-1)
-        return z @ self.classifier.t(), z
+        if self.gate is None:
+            z = self._features(h, prompted=True)
+            return z @ self.classifier.t(), z
+        h = self._features(h, prompted=False, stop=self.start)      # the blocks both streams share
+        zp, zf = self._features(h, True, self.start), self._features(h, False, self.start)
+        lp, lf = zp @ self.classifier.t(), zf @ self.classifier.t()
+        pick = (lf.argmax(1) == self.gate)[:, None]
+        return torch.where(pick, lp, lf), torch.where(pick, zp, zf)
+
+    def _features(self, h, prompted, begin=0, stop=None):
+        """Blocks begin..stop (stop None: to the end, then the head and L2 normalisation) on tokens h."""
+        blocks = self.visual.transformer.resblocks
+        last = len(blocks) - 1
+        for i in range(begin, len(blocks) if stop is None else stop):
+            kv = getattr(self, f"prompt_kv_{i}") if prompted and i >= self.start else None
+            h = prompted_vit.shared_block(blocks[i], h, kv, cls_only=self.cls_only and i == last)
+        return h if stop is not None else F.normalize(prompted_vit._head(self.visual, h), dim=-1)
 
 
 def check_prompt_shape(prompts, start, layers, width):
@@ -69,10 +83,11 @@ class Source:
     info: dict = field(default_factory=dict)
 
 
-def build(clip, classes, templates, prompts=None, start=None, info=None, classifier=None):
-    """classifier: a tuned (K, E) matrix (CBPT, linear probe); default the hand-written text features."""
+def build(clip, classes, templates, prompts=None, start=None, info=None, classifier=None, gate=None):
+    """classifier: a tuned (K, E) matrix (CBPT, linear probe); default the hand-written text features.
+    gate: the class whose unprompted predictions the prompts re-examine (a repair run's)."""
     text = clip.text_features(classes, templates) if classifier is None else classifier.to(clip.device)
-    module = FoldedClassifier(clip.visual, text, clip.logit_scale, prompts, start).eval()
+    module = FoldedClassifier(clip.visual, text, clip.logit_scale, prompts, start, gate).eval()
     return Source(module, clip, list(classes), dict(info or {}))
 
 
@@ -104,5 +119,5 @@ def from_run(run_dir, model=None, checkpoint=None, pretrained=None, prompted=Tru
     if not prompted:
         return build(clip, meta["classes"], meta["templates"], info=info)
     if run.prompts is not None:
-        info.update(prompt_start=run.start, prompt_tokens=int(run.prompts.shape[1]))
-    return build(clip, meta["classes"], meta["templates"], run.prompts, run.start, info, run.classifier)
+        info.update(prompt_start=run.start, prompt_tokens=int(run.prompts.shape[1]), gate=run.gate)
+    return build(clip, meta["classes"], meta["templates"], run.prompts, run.start, info, run.classifier, run.gate)

@@ -133,3 +133,24 @@ def test_vit_b32_onnx_matches_torch():
         want = torch_logits(clip, vp, text, x)[0].numpy()
         assert np.abs(model.run(x)[0] - want).max() <= TOL
     path.unlink()
+
+
+def test_a_gated_repair_run_exports_both_streams(tmp_path):
+    """A repair run's gate travels in the prompts' metadata: ONNX Runtime gives the prompted logits where
+    the unprompted model predicts the gate class, the unprompted ones elsewhere."""
+    from engine.runs import load_prompts, save_prompts
+    run, _, _ = lab_export()
+    prompts, meta = load_prompts(run / "prompts.safetensors")
+    clip, vp, text = lab_reference()
+    x = batch(clip, 16, 4)
+    plain = torch_logits(clip, None, text, x)[0]
+    k = int(plain.argmax(1).mode().values)
+    gated_run = tmp_path / "gated"
+    gated_run.mkdir()
+    save_prompts(gated_run / "prompts.safetensors", vp, {**meta, "gate": k})
+    ex.main(["--run", str(gated_run)])
+    logits, _ = OnnxClassifier(gated_run / "model.onnx", "cpu").run(x)
+    pick = (plain.argmax(1) == k).numpy()
+    assert 0 < pick.sum() < len(x)
+    assert np.abs(logits[pick] - torch_logits(clip, vp, text, x)[0].numpy()[pick]).max() <= TOL
+    assert np.abs(logits[~pick] - plain.numpy()[~pick]).max() <= TOL

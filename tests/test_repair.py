@@ -79,3 +79,39 @@ def test_job_draws_unlabelled_images_apart_from_the_shots():
         unlabelled_images(train, shots, 1000, 0)
     with pytest.raises(UserError, match="0 or more"):
         prepare(JobConfig(shots=1, eval_limit=10, unlabelled=-1), log=lambda *a: None)
+
+
+def test_gated_features_take_the_prompted_ones_only_where_the_frozen_model_says_k():
+    g = torch.Generator().manual_seed(3)
+    text = torch.nn.functional.normalize(torch.randn(4, 6, generator=g), dim=-1)
+    A, B = torch.randn(5, 6, generator=g), torch.randn(5, 6, generator=g)
+    x = torch.randn(40, 5, generator=g)
+    calls = []
+    prompted = lambda v: (calls.append(len(v)), v @ B)[1]  # noqa: E731
+    from engine.purify import gated
+    k = int((x @ A @ text.t()).argmax(1).mode().values)
+    z = gated(lambda v: v @ A, prompted, text, k)(x)
+    pick = (torch.nn.functional.normalize(x @ A, dim=-1) @ text.t()).argmax(1) == k
+    assert 0 < pick.sum() < len(x)
+    torch.testing.assert_close(z[pick], x[pick] @ B)
+    torch.testing.assert_close(z[~pick], x[~pick] @ A)
+    assert calls == [int(pick.sum())]                 # the prompted encoder sees the gated rows only
+
+
+def test_folded_gated_classifier_matches_its_two_streams(lab):
+    from export.folded import FoldedClassifier
+    clip, few, text = lab
+    torch.manual_seed(0)
+    prompts = torch.randn(6, 4, 128) * 0.5
+    args = (clip.visual, text, clip.logit_scale)
+    x = clip.normalise(few.images[:12])
+    with torch.no_grad():
+        lp, zp = FoldedClassifier(*args, prompts, 0)(x)
+        lf, zf = FoldedClassifier(*args)(x)
+        k = int(lf.argmax(1).mode().values)
+        lg, zg = FoldedClassifier(*args, prompts, 0, gate=k)(x)
+    pick = lf.argmax(1) == k
+    assert 0 < pick.sum() < len(x)
+    torch.testing.assert_close(lg[pick], lp[pick], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(lg[~pick], lf[~pick], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(zg[~pick], zf[~pick], rtol=1e-5, atol=1e-5)

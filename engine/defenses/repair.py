@@ -27,6 +27,7 @@ from . import minibatch_epochs
 class RepairConfig:
     detect: det.DetectConfig = field(default_factory=det.DetectConfig)
     always: bool = False         # repair even when the detector reads the model clean
+    gate: bool = False           # deploy the prompts only on images the frozen model puts in the suspected target
     refine_steps: int = 0        # tighten a mask trigger alone with a larger mask penalty before the repair
     refine_lam_factor: float = 4.0
     occluded_target: bool = False  # stamped triggers: distil T(x) towards f(x with the region noise-filled)
