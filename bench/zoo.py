@@ -20,7 +20,7 @@ from pathlib import Path
 from engine import manifest, purify, zoo
 from engine.evaluate import evaluate_attack
 from engine.io import atomic_path, write_json
-from engine.job import JobConfig, defend, prepare
+from engine.job import JobConfig, defend, measure, prepare
 from engine.purify import DEFENSES
 from engine.inversion.detect import conclude, detect, load_tensors, save_tensors
 
@@ -123,6 +123,8 @@ def run_model(model, defenses, cache, shots, eval_limit, seed, quick, log, scan_
             tuned = defend(job, cell, defense_config(cell, quick, seed))
             res = {**tuned.after, "tune_seconds": round(tuned.seconds, 2), **tuned.extra,
                    "config": json.loads(json.dumps(tuned.config)), "unlabelled": SETTINGS.get("unlabelled", 0)}
+            if tuned.gate is not None:   # the same prompts applied to every image: what the gate saves
+                res["ungated"] = measure(job, replace(tuned, gate=None))
         res["seconds"] = round(time.time() - t0, 2)
         write_json(path, res)
         cells[cell] = res

@@ -7,7 +7,9 @@ choice of target classes), so unlabelled clean images could be added.
 
 p = prompted encoder, f = the frozen one, T = the inverted trigger of the family that flagged
 (engine.inversion.detect: a stamped mask + pattern, stripes or a warp). When the detector reads the model clean,
-nothing is tuned unless `always` (then T is the mask inversion's trigger): a clean model costs nothing."""
+nothing is tuned unless `always` (then T is the mask inversion's trigger): a clean model costs nothing.
+With `gate` (default) the repaired model uses the prompts only on images the frozen model puts in the
+suspected target class (engine.purify.gated): the triggered images all land there, most clean ones do not."""
 import math
 from dataclasses import asdict, dataclass, field, replace
 
@@ -27,7 +29,8 @@ from . import minibatch_epochs
 class RepairConfig:
     detect: det.DetectConfig = field(default_factory=det.DetectConfig)
     always: bool = False         # repair even when the detector reads the model clean
-    gate: bool = False           # deploy the prompts only on images the frozen model puts in the suspected target
+    gate: bool = True            # the prompts answer only where the frozen model predicts the suspected target
+                                 # (engine.purify.gated; chosen on dev: bench/results/sweeps/repair_dev.md)
     refine_steps: int = 0        # tighten a mask trigger alone with a larger mask penalty before the repair
     refine_lam_factor: float = 4.0
     occluded_target: bool = False  # stamped triggers: distil T(x) towards f(x with the region noise-filled)
