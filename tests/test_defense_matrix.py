@@ -29,3 +29,23 @@ def test_quick_matrix_writes_consistent_results(tmp_path):
         assert (tmp_path / "dm.png").stat().st_size > 1000
     except ImportError:
         assert not (tmp_path / "dm.png").exists()
+
+
+def test_cells_are_cached_so_a_shard_run_resumes_and_cached_only_merges(tmp_path, monkeypatch):
+    prefix = str(tmp_path / "dm")
+    args = ["--quick", "--defenses", "linear-probe", "--out", prefix]
+    assert defense_matrix.main(args + ["--shard", "0/1"]) is None        # cells only, no tables
+    assert not (tmp_path / "dm.md").exists()
+    cells = sorted(p.name for p in (tmp_path / "dm_cells").rglob("*.json"))
+    assert cells == ["linear-probe.json", "none.json"]
+
+    def no_tuning(*a, **k):
+        raise AssertionError("a cached cell was tuned again")
+    monkeypatch.setattr(defense_matrix, "defend", no_tuning)
+    monkeypatch.setattr(defense_matrix, "prepare", no_tuning)
+    defense_matrix.main(args + ["--cached-only"])
+    saved = json.loads((tmp_path / "dm.json").read_text())
+    assert set(saved["results"][0]["cells"]) == {"none", "linear-probe"}
+    # other settings make the cached cells stale: they would be run again
+    with pytest.raises(AssertionError, match="tuned again"):
+        defense_matrix.main(args + ["--seed", "1"])
