@@ -161,9 +161,8 @@ def stale_defense(cell, cached, quick, seed):
         return cell == "repair"
     if cached.get("unlabelled", 0) != SETTINGS.get("unlabelled", 0):
         return True
-    as_json = lambda cfg: _without_cuts(json.loads(json.dumps(cfg.as_dict())))  # noqa: E731
-    return not _same(_without_cuts(cached["config"]), as_json(defense_config(cell, quick, seed)),
-                     as_json(purify.config(cell, "lab-vit")))
+    return not _same(_without_cuts(cached["config"]),
+                     _without_cuts(json.loads(json.dumps(defense_config(cell, quick, seed).as_dict()))))
 
 
 def _without_cuts(cfg):
@@ -179,13 +178,18 @@ def inversion_settings(cfg):
     return {k: v for k, v in cfg.as_dict().items() if not k.startswith("min_")}
 
 
-def _same(stored, current, default):
+# Config fields added after cells were cached, each with the value that does what the code did before the
+# field existed: a cached cell without the field ran with that value (not with today's default).
+ADDED_FIELDS = {"adv_steps": 1, "extra": [], "extra_steps": 100, "blend_alpha": 0.2, "gate": False}
+
+
+def _same(stored, current):
     """Settings equal, where a field added since the cell was stored (absent there) counts as unchanged
-    while it holds its default: new fields come with defaults that keep the old behaviour."""
+    while it holds the value that reproduces the older behaviour (ADDED_FIELDS)."""
     if isinstance(stored, dict) and isinstance(current, dict):
         return set(stored) <= set(current) and all(
-            _same(stored[k], v, default.get(k) if isinstance(default, dict) else None) if k in stored
-            else v == (default.get(k) if isinstance(default, dict) else None) for k, v in current.items())
+            _same(stored[k], v) if k in stored else k in ADDED_FIELDS and v == ADDED_FIELDS[k]
+            for k, v in current.items())
     return stored == current
 
 
@@ -193,7 +197,7 @@ def stale(scan_cell, quick):
     """True when the cached scan's evidence came from other inversion settings, or when the current
     thresholds would give it another verdict or flagging family."""
     from engine.inversion.detect import decide
-    if not _same(scan_cell.get("inversion"), inversion_settings(detect_config(quick)), inversion_settings(detect_config(False))):
+    if not _same(scan_cell.get("inversion"), inversion_settings(detect_config(quick))):
         return True
     _, _, family = decide(scan_cell["mask"], scan_cell["stripes"], detect_config(quick), scan_cell.get("warp"))
     return family != scan_cell["flagged_by"]

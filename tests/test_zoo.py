@@ -119,12 +119,13 @@ def test_auroc_edge_cases():
 
 def test_cached_settings_stay_valid_when_only_a_new_field_appears():
     stored = {"steps": 100, "mask": {"lr": 0.1}}
-    default = {"steps": 100, "mask": {"lr": 0.1, "blend_alpha": 0.2}, "new": 1}
-    assert bench_zoo._same(stored, {"steps": 100, "mask": {"lr": 0.1, "blend_alpha": 0.2}, "new": 1}, default)
-    assert not bench_zoo._same(stored, {"steps": 100, "mask": {"lr": 0.1, "blend_alpha": 0.2}, "new": 2}, default)
-    assert not bench_zoo._same(stored, {"steps": 100, "mask": {"lr": 0.1, "blend_alpha": 0.3}, "new": 1}, default)
-    assert not bench_zoo._same(stored, {"steps": 50, "mask": {"lr": 0.1}}, default)
-    assert not bench_zoo._same(stored, {"mask": {"lr": 0.1}}, default)     # a field gone is a change
+    assert bench_zoo._same(stored, {"steps": 100, "mask": {"lr": 0.1, "blend_alpha": 0.2}, "gate": False})
+    # a cell from before the gate existed was ungated: today's default (gated) is another setting
+    assert not bench_zoo._same(stored, {"steps": 100, "mask": {"lr": 0.1}, "gate": True})
+    assert not bench_zoo._same(stored, {"steps": 100, "mask": {"lr": 0.1, "blend_alpha": 0.3}})
+    assert not bench_zoo._same(stored, {"steps": 100, "mask": {"lr": 0.1}, "unknown_new_field": 1})
+    assert not bench_zoo._same(stored, {"steps": 50, "mask": {"lr": 0.1}})
+    assert not bench_zoo._same(stored, {"mask": {"lr": 0.1}})              # a field gone is a change
 
 
 def test_sweep_configs_split_on_commas_outside_json_values():
