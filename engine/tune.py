@@ -139,6 +139,7 @@ def run(args):
         "config": tuned.config, "loss_history": [round(x, 5) for x in tuned.history],
         "test_images": len(test), "shots_ca": {"before": shots_before, "after": shots_after},
         "warnings": [warning] if warning else [], **tuned.extra,
+        "gate": None if tuned.gate is None else test.classes[tuned.gate],   # prompts apply where frozen predicts it
     }
     meta = {"model": args.model, "checkpoint": results["checkpoint"], "pretrained": args.pretrained,
             "classes": test.classes, "templates": job.templates,
@@ -154,6 +155,8 @@ def run(args):
     pct = 100.0 * results["tuned_params"] / results["total_params"]
     print(f"tuned {results['tuned_params']:,} of {results['total_params']:,} parameters ({pct:.2f}%) "
           f"in {tuned.seconds:.1f} s; results in {out_dir}/results.json")
+    if results["gate"]:
+        print(f"gated: the prompts answer where the frozen model predicts '{results['gate']}', the frozen model elsewhere")
     return results
 
 

@@ -115,3 +115,21 @@ def test_folded_gated_classifier_matches_its_two_streams(lab):
     torch.testing.assert_close(lg[pick], lp[pick], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(lg[~pick], lf[~pick], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(zg[~pick], zf[~pick], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_tune_cli_records_the_gate_and_export_reads_it(tmp_path):
+    """engine.tune --defense repair on the bundled BadNet model: the run records the suspected target as
+    the gate (results.json and the prompts' metadata), and the folded export picks it up."""
+    import json
+
+    from engine import runs, tune
+    from export import folded
+    out = tmp_path / "run"
+    res = tune.main(["--defense", "repair", "--shots", "4", "--epochs", "1", "--eval-limit", "300", "--quiet",
+                     "--out", str(out)])
+    assert res["detection"]["verdict"] == "backdoored" and res["gate"] == "bag"
+    assert json.loads((out / "results.json").read_text())["gate"] == "bag"
+    run = runs.read(out)
+    assert run.gate == D.FASHION_CLASSES.index("bag")
+    assert folded.from_run(out).module.gate == run.gate
