@@ -72,13 +72,13 @@ def test_inversion_loss_prefers_clustered_triggered_embeddings():
 def test_image_features_are_computed_once(lab, monkeypatch):
     train = _few_shot(2)
     calls = {"n": 0}
-    real = lab.model.encode_image
+    real = lab.encode_image     # the frozen image tower every feature goes through
 
     def counting(x, *a, **k):
         calls["n"] += 1
         return real(x, *a, **k)
 
-    monkeypatch.setattr(lab.model, "encode_image", counting)
+    monkeypatch.setattr(lab, "encode_image", counting)
     mask, pattern = torch.full((1, 1, 32, 32), 0.05), torch.rand(1, 3, 32, 32)
     clean, trig = cbpt.cache_features(lab, train.images, mask, pattern)
     after_cache = calls["n"]
