@@ -4,9 +4,9 @@ frozen model's floating weights in the low precision for the block (one cast, ke
 under torch.autocast, which casts the fp32 prompts and activations into the matmuls and keeps reductions
 and losses in fp32; features leave the image tower as fp32 (engine.evaluate).
 
-`auto` picks bf16 on CUDA sm80+ and fp32 elsewhere: on this project's AMX CPU the bf16 backward through
-the frozen tower is slower than fp32 (bench/results/precision.json measures forward and tuning step), so
-bf16 on the CPU is what you ask for with --precision bf16."""
+`auto` picks bf16 on CUDA sm80+ and on CPUs with AMX or AVX512-BF16, fp32 elsewhere: on this project's
+AMX CPU a ViT-B-32 forward and RVPT step in bf16 are faster than fp32 (bench/results/precision.md,
+tune_step.md); the small lab model's matmuls are too small to gain (the same files)."""
 import contextlib
 from functools import cache
 
@@ -37,7 +37,7 @@ def resolve(precision, device):
         return precision
     if device.type == "cuda":
         return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
-    return "fp32"   # CPU autocast measured slower than fp32 (see the module docstring), with or without AMX
+    return "bf16" if cpu_has_bf16() else "fp32"
 
 
 def autocast(precision, device):

@@ -78,8 +78,8 @@ def parse_args(argv=None):
     p.add_argument("--device", default="auto", help="cpu, cuda or auto")
     p.add_argument("--precision", default="fp32", choices=P.CHOICES,
                    help="the frozen model: fp32; bf16 / fp16 (weight matrices stored in it, matmuls autocast; "
-                        "prompts and losses stay fp32); auto = bf16 on CUDA sm80+, fp32 on CPUs (the bf16 "
-                        "backward measured slower there: bench/results/tune_step.json)")
+                        "prompts and losses stay fp32); auto = bf16 on CUDA sm80+ and AMX / AVX512-BF16 CPUs, "
+                        "else fp32 (bench/results/tune_step.md, precision.md)")
     p.add_argument("--out", default=None, help="run directory (default runs/<timestamp>); must not exist")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     return p.parse_args(argv)

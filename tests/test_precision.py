@@ -10,7 +10,9 @@ CPU = torch.device("cpu")
 
 
 def test_resolve(monkeypatch):
-    monkeypatch.setattr(P, "cpu_has_bf16", lambda: True)   # autocast is slower on the CPU even with AMX
+    monkeypatch.setattr(P, "cpu_has_bf16", lambda: True)
+    assert P.resolve("auto", CPU) == "bf16"
+    monkeypatch.setattr(P, "cpu_has_bf16", lambda: False)
     assert P.resolve("auto", CPU) == "fp32"
     assert P.resolve("bf16", CPU) == "bf16"
     with pytest.raises(UserError, match="fp16 needs a CUDA device"):
