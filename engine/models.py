@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from .errors import UserError
+from .prompted_vit import frozen_forward, supports
 
 CONFIG_DIR = Path(__file__).parent / "model_configs"
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -58,7 +59,6 @@ class Clip:
         the prompted path's own block code with no prompt (engine.prompted_vit.frozen_forward: the same
         numbers as open_clip's, and under --precision bf16 it avoids nn.MultiheadAttention's autocast path);
         other towers through open_clip."""
-        from .prompted_vit import frozen_forward, supports
         visual = getattr(self.model, "visual", None)
         return frozen_forward(visual, normalised) if supports(visual) else self.model.encode_image(normalised)
 
