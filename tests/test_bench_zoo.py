@@ -18,7 +18,7 @@ def test_zoo_bench_quick_writes_tables_and_resumes(tmp_path):
     md = (tmp_path / "zoo_quick.md").read_text()
     assert "| bundled-badnet |" in md and "false positives" in md
     cells = sorted(p.name for p in (tmp_path / "zoo" / "quick" / "bundled-badnet").iterdir())
-    assert cells == sorted(["none.json", "scan.json"] + [f"{d}.json" for d in bench_zoo.DEFENSE_ORDER])
+    assert cells == sorted(["none.json", "scan.json", "scan.safetensors"] + [f"{d}.json" for d in bench_zoo.DEFENSE_ORDER])
     # a second run reads every cell from the cache
     again = bench_zoo.main(["--quick", "--results", str(tmp_path), "--cached-only"])
     assert again == agg
