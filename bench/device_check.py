@@ -12,7 +12,6 @@ Writes one JSON; exits 1 if any error is past its tolerance. Without CUDA it say
 Nothing here has run on a GPU yet (this project's machines have none): README "Verified where"."""
 import argparse
 import json
-import math
 import sys
 import time
 from pathlib import Path
@@ -59,9 +58,9 @@ def check_attention_configs(shapes=SHAPES, dtypes=DTYPES, device="cuda"):
             block_d = PA._block_d(d)
             fwd = sorted(set(PA._FWD_TUNED) | set(PA._fwd_pinned(block_d, dtype)))
             for cfg in fwd:
-                o, lse = _forward_with(PA, cfg, q, k, v, k_p, v_p, scale)
+                o, lse = PA._forward_with(cfg, q, k, v, k_p, v_p, scale)
                 rows.append(_row("fwd", name, dname, cfg, None, {"o": rel_err(o, o64)}, TOLERANCE[dname]))
-            o, lse = _forward_with(PA, PA._fwd_pinned(block_d, dtype)[0], q, k, v, k_p, v_p, scale)
+            o, lse = PA._forward_with(PA._fwd_pinned(block_d, dtype)[0], q, k, v, k_p, v_p, scale)
             for cfg in PA._bwd_configs(block_d, dtype):
                 for det in (True, False):
                     try:
@@ -80,19 +79,6 @@ def check_attention_configs(shapes=SHAPES, dtypes=DTYPES, device="cuda"):
                                                    zip(("dq", "dk", "dv", "dk_p", "dv_p"), grads, g64)}}
                 rows.append(_row("op", name, dname, None, det, errs, TOLERANCE[dname]))
     return rows
-
-
-def _forward_with(PA, cfg, q, k, v, k_p, v_p, scale):
-    import triton
-    B, H, N, d = q.shape
-    bm, bn, warps, stages = cfg
-    o = PA._bnhd(B, H, N, d, q.dtype, q.device)
-    lse = torch.empty((B, H, N), dtype=torch.float32, device=q.device)
-    PA._fwd_kernel[(triton.cdiv(N, bm), B * H)](
-        q, k, v, k_p, v_p, o, lse, *q.stride(), *k.stride(), *v.stride(), *k_p.stride(), *v_p.stride(),
-        *o.stride(), H, N, k_p.shape[1], scale * math.log2(math.e), HEAD_DIM=d, BLOCK_D=PA._block_d(d),
-        PRECISION=PA._precision(q.dtype), BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages)
-    return o, lse
 
 
 def _row(kind, shape, dtype, cfg, det, errs, tol):

@@ -301,32 +301,29 @@ def _fits_key(pass_name, block_d, dtype, device):
     return pass_name, block_d, dtype, str(device)
 
 
-def _forward(q, k, v, k_p, v_p, scale, deterministic):
+def _forward_with(cfg, q, k, v, k_p, v_p, scale):
+    """The forward with one (BLOCK_M, BLOCK_N, num_warps, num_stages) config, or the autotuned kernel for
+    cfg=None; allocates (o, lse)."""
     B, H, N, d = q.shape
-    block_d = _block_d(d)
-    args = lambda o, lse: (q, k, v, k_p, v_p, o, lse, *q.stride(), *k.stride(), *v.stride(),
-                           *k_p.stride(), *v_p.stride(), *o.stride(),
-                           H, N, k_p.shape[1], scale * math.log2(math.e))
-    common = dict(HEAD_DIM=d, BLOCK_D=block_d, PRECISION=_precision(q.dtype))
-
-    def outputs():
-        return _bnhd(B, H, N, d, q.dtype, q.device), _common.empty((B, H, N), torch.float32, q.device)
-
-    if not deterministic:  # the autotuner skips configs that do not fit the device
-        o, lse = outputs()
-        grid = lambda meta: (triton.cdiv(N, meta["BLOCK_M"]), B * H)
-        _fwd_kernel_tuned[grid](*args(o, lse), **common)
+    o, lse = _bnhd(B, H, N, d, q.dtype, q.device), _common.empty((B, H, N), torch.float32, q.device)
+    args = (q, k, v, k_p, v_p, o, lse, *q.stride(), *k.stride(), *v.stride(), *k_p.stride(), *v_p.stride(),
+            *o.stride(), H, N, k_p.shape[1], scale * math.log2(math.e))
+    common = dict(HEAD_DIM=d, BLOCK_D=_block_d(d), PRECISION=_precision(q.dtype))
+    if cfg is None:  # the autotuner skips configs that do not fit the device
+        _fwd_kernel_tuned[lambda meta: (triton.cdiv(N, meta["BLOCK_M"]), B * H)](*args, **common)
         return o, lse
+    bm, bn, warps, stages = cfg
+    _fwd_kernel[(triton.cdiv(N, bm), B * H)](*args, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages,
+                                             **common)
+    return o, lse
 
-    def launch(cfg):
-        bm, bn, warps, stages = cfg
-        o, lse = outputs()
-        _fwd_kernel[(triton.cdiv(N, bm), B * H)](*args(o, lse), BLOCK_M=bm, BLOCK_N=bn,
-                                                 num_warps=warps, num_stages=stages, **common)
-        return o, lse
 
-    return launch_first_fit(_fwd_pinned(block_d, q.dtype), launch, _FITS,
-                            _fits_key("fwd", block_d, q.dtype, q.device))
+def _forward(q, k, v, k_p, v_p, scale, deterministic):
+    if not deterministic:
+        return _forward_with(None, q, k, v, k_p, v_p, scale)
+    block_d = _block_d(q.shape[-1])
+    return launch_first_fit(_fwd_pinned(block_d, q.dtype), lambda cfg: _forward_with(cfg, q, k, v, k_p, v_p, scale),
+                            _FITS, _fits_key("fwd", block_d, q.dtype, q.device))
 
 
 def _backward_with(cfg, do, q, k, v, k_p, v_p, o, lse, scale, deterministic, needs):
