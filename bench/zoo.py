@@ -117,15 +117,16 @@ def run_model(model, defenses, cache, shots, eval_limit, seed, quick, log, scan_
                    "inversion": inversion_settings(detect_config(quick))}
             save_tensors(cache / model["name"] / "scan.safetensors", r)   # before scan.json: a scan cell implies them
         else:
-            if job.detection is None and scan_cached is not None:   # the repair reuses the cached scan's triggers
+            if cell == "repair" and job.detection is None and scan_cached is not None:   # reuse the scan's triggers
                 job.detection = conclude(scan_cached, load_tensors(cache / model["name"] / "scan.safetensors"),
                                          detect_config(quick), job.clip.image_size)
             tuned = defend(job, cell, defense_config(cell, quick, seed))
             res = {**tuned.after, "tune_seconds": round(tuned.seconds, 2), **tuned.extra,
                    "config": json.loads(json.dumps(tuned.config)), "unlabelled": SETTINGS.get("unlabelled", 0)}
-            if tuned.gate is not None:   # the same prompts applied to every image: what the gate saves
-                res["ungated"] = measure(job, replace(tuned, gate=None))
         res["seconds"] = round(time.time() - t0, 2)
+        if cell not in ("none", "scan") and tuned.gate is not None:
+            # the same prompts on every image: what the gate saves (an extra evaluation, not the defense's time)
+            res["ungated"] = measure(job, replace(tuned, gate=None))
         write_json(path, res)
         cells[cell] = res
         log(f"{model['name']}: {cell} " + (f"{res['verdict']} ({res['suspected_target']})" if cell == "scan" else
