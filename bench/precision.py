@@ -1,7 +1,8 @@
-"""Evaluation in bf16 (`--precision bf16`: the frozen weights stored in bf16 under torch.autocast, on AMX /
-AVX512-BF16 CPUs) against fp32, side by side in one run:
-images/s on ViT-B-32 (random weights: speed only) and CA/ASR of every bundled lab model (lab CLIP on
-Fashion-MNIST) in both precisions.
+"""Evaluation in bf16 (`--precision bf16`: the whole ViT image tower stored and run in bf16,
+engine.precision.evaluation, on AMX / AVX512-BF16 CPUs) against fp32, side by side in one run:
+images/s on ViT-B-32 (random weights: speed only), CA/ASR of every bundled lab model (lab CLIP on
+Fashion-MNIST) in both precisions, and CA/ASR after tuning RVPT and the repair on the bundled BadNet model
+in each precision.
 
     python -m bench.precision                     # 10,000 test images per lab model
     python -m bench.precision --images 1000 --quick
@@ -17,27 +18,53 @@ from engine import manifest
 from engine import precision as P
 from engine.evaluate import features
 from engine.io import atomic_path, write_json
-from engine.job import JobConfig, measure, prepare
+from engine.job import JobConfig, defend, measure, prepare
 from engine.models import load_model
 
 from .common import command, interleaved_medians, machine
 
 
+# the ways of running the frozen tower in bf16, each timed beside fp32: `bf16` is what evaluation runs
+# (engine.precision.evaluation); the other two are the tuning path's (weight matrices stored in bf16 under
+# autocast, engine.precision.run) and autocast alone over the fp32 weights (each call casts every weight)
+MODES = {"fp32": lambda clip, dev: P.evaluation("fp32", dev, clip.model),
+         "bf16": lambda clip, dev: P.evaluation("bf16", dev, clip.model),
+         "bf16 tuning path": lambda clip, dev: P.run("bf16", dev, clip.model),
+         "bf16 autocast only": lambda clip, dev: P.autocast("bf16", dev)}
+
+
 def throughput(model_name, batch, reps):
-    """images/s of the image tower: fp32, bf16 (what --precision bf16 runs: weights stored in bf16 under
-    autocast) and bf16 autocast alone over the fp32 weights (each call casts every weight)."""
+    """images/s of the image tower in each of MODES."""
     clip = load_model(model_name)
     x = torch.rand(batch, 3, clip.image_size, clip.image_size, generator=torch.Generator().manual_seed(0))
     device = torch.device("cpu")
-    calls = {p: (lambda p=p: _features(clip, x, p, device)) for p in ("fp32", "bf16")}
-    calls["bf16 autocast only"] = lambda: _features(clip, x, "bf16", device, store=False)
+    calls = {name: (lambda mode=mode: _features(clip, x, mode(clip, device))) for name, mode in MODES.items()}
     medians, _ = interleaved_medians(calls, reps, warmup=2, device=device)
-    return {p: batch / medians[p] for p in calls}
+    return {name: batch / medians[name] for name in calls}
 
 
-def _features(clip, x, precision, device, store=True):
-    with P.stored_in(clip.model, precision if store else "fp32"), P.autocast(precision, device):
+def _features(clip, x, context):
+    with context:
         return features(clip, x)
+
+
+def tuned_rows(defenses, shots, images):
+    """Each defense tuned on the bundled BadNet model twice, all in fp32 and all in bf16: CA/ASR after."""
+    if not defenses:
+        return []
+    checkpoint = str(manifest.checkpoint(manifest.models()["badnet"]))
+    job = prepare(JobConfig(checkpoint=checkpoint, attack="badnet", shots=shots, eval_limit=images), log=lambda *a: None)
+    rows = []
+    for name in defenses:
+        out = {}
+        for prec in ("fp32", "bf16"):
+            job.tune_precision = job.eval_precision = prec
+            job.detection = None          # the repair detects again, in this precision
+            tuned = defend(job, name)
+            out[prec] = {**tuned.after, "tune_seconds": round(tuned.seconds, 1)}
+        rows.append({"defense": name, **out, "ca_diff": out["bf16"]["ca"] - out["fp32"]["ca"],
+                     "asr_diff": out["bf16"]["asr"] - out["fp32"]["asr"]})
+    return rows
 
 
 def main(argv=None):
@@ -46,6 +73,10 @@ def main(argv=None):
     p.add_argument("--batch", type=int, default=16, help="ViT-B-32 batch for images/s")
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--quick", action="store_true", help="ViT-B-32 timing with 2 repetitions, badnet + clean only")
+    p.add_argument("--tune", nargs="*", default=["rvpt", "repair"], metavar="DEFENSE",
+                   help="defenses tuned on the bundled BadNet model in fp32 and again in bf16 (tuning and "
+                        "evaluation), CA/ASR after each (none: skip)")
+    p.add_argument("--shots", type=int, default=16, help="shots per class of the --tune runs")
     p.add_argument("--out", default="bench/results/precision", help="path prefix of .json/.md")
     args = p.parse_args(argv)
     t0 = time.time()
@@ -63,23 +94,32 @@ def main(argv=None):
             out[prec] = {**measure(job), "seconds": round(time.perf_counter() - t, 2)}
         rows.append({"model": name, **out, "ca_diff": out["bf16"]["ca"] - out["fp32"]["ca"],
                      "asr_diff": out["bf16"]["asr"] - out["fp32"]["asr"]})
+    tuned = tuned_rows(args.tune, args.shots, args.images)
     cmd = command("bench.precision", argv)
-    ratio = speed["bf16"] / speed["fp32"]
-    ratio_autocast = speed["bf16 autocast only"] / speed["fp32"]
+    speedup = {name: speed[name] / speed["fp32"] for name in speed}
+    ratio = speedup["bf16"]
     write_json(args.out + ".json", {"command": cmd, "machine": machine(), "cpu_bf16": P.cpu_has_bf16(),
-                                    "vit_b32_images_per_s": speed, "bf16_speedup": ratio, "bf16_autocast_only_speedup": ratio_autocast, "lab": rows,
-                                    "seconds": round(time.time() - t0, 1)})
-    lines = [f"ViT-B-32 (random weights) image tower, batch {args.batch}, CPU, {torch.get_num_threads()} threads: "
-             f"fp32 {speed['fp32']:.1f} images/s; `--precision bf16` (weights stored in bf16, autocast) "
-             f"{speed['bf16']:.1f} images/s (**{ratio:.2f}x**); autocast alone over fp32 weights "
-             f"{speed['bf16 autocast only']:.1f} images/s ({ratio_autocast:.2f}x).",
-             "", "CA/ASR through `--precision bf16`:", "",
+                                    "vit_b32_images_per_s": speed, "bf16_speedup": ratio, "speedup": speedup,
+                                    "lab": rows, "tuned": tuned, "seconds": round(time.time() - t0, 1)})
+    lines = [f"ViT-B-32 (random weights) image tower, batch {args.batch}, CPU, {torch.get_num_threads()} threads, "
+             f"images/s side by side:", "", "| mode | images/s | x fp32 |", "|---|---|---|"]
+    lines += [f"| {'**bf16** (`--precision bf16` evaluation: the tower in bf16, no autocast)' if n == 'bf16' else n} | "
+              f"{speed[n]:.1f} | {speedup[n]:.2f} |" for n in speed]
+    lines += ["", "CA/ASR through `--precision bf16`:", "",
              "| lab model | fp32 CA / ASR | bf16 CA / ASR | CA diff | ASR diff | fp32 s | bf16 s |",
              "|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['model']} | {r['fp32']['ca']:.2f} / {r['fp32']['asr']:.2f} | {r['bf16']['ca']:.2f} / "
                      f"{r['bf16']['asr']:.2f} | {r['ca_diff']:+.2f} | {r['asr_diff']:+.2f} | {r['fp32']['seconds']:.1f} | "
                      f"{r['bf16']['seconds']:.1f} |")
+    if tuned:
+        lines += ["", f"CA/ASR after tuning on the bundled BadNet model ({args.shots} shots; tuned and evaluated in "
+                  f"each precision):", "", "| defense | fp32 CA / ASR | bf16 CA / ASR | CA diff | ASR diff | fp32 tune s | "
+                  "bf16 tune s |", "|---|---|---|---|---|---|---|"]
+        for r in tuned:
+            lines.append(f"| {r['defense']} | {r['fp32']['ca']:.2f} / {r['fp32']['asr']:.2f} | {r['bf16']['ca']:.2f} / "
+                         f"{r['bf16']['asr']:.2f} | {r['ca_diff']:+.2f} | {r['asr_diff']:+.2f} | "
+                         f"{r['fp32']['tune_seconds']:.0f} | {r['bf16']['tune_seconds']:.0f} |")
     lines += ["", f"CA/ASR on the first {args.images:,} Fashion-MNIST test images (lab CLIP); images/s from "
               f"bench.common's interleaved medians (`{cmd}`)."]
     md = "\n".join(lines) + "\n"

@@ -67,10 +67,10 @@ def kind(model):
     return "backdoored" if asr >= BACKDOOR_TOOK else "weak" if asr >= BACKDOOR_WEAK else "failed"
 
 
-def job_config(model, shots, eval_limit, seed):
+def job_config(model, shots, eval_limit, seed, settings=None):
     """The model's JobConfig: its checkpoint, and ASR measured with its own trigger and target."""
     cfg = JobConfig(checkpoint=model["checkpoint"], shots=shots, seed=seed, eval_limit=eval_limit, fused=True,
-                    unlabelled=SETTINGS.get("unlabelled", 0))
+                    unlabelled=(settings or {}).get("unlabelled", 0))
     if "record" in model:
         rec = model["record"]
         # a clean control has no trigger: ASR is measured with a harmless stand-in and not reported
@@ -79,9 +79,11 @@ def job_config(model, shots, eval_limit, seed):
     return replace(cfg, attack=model["attack"] or "badnet", target=model["target"] or "bag")
 
 
-def run_model(model, defenses, cache, shots, eval_limit, seed, quick, log, scan_cell=True, cached_only=False):
+def run_model(model, defenses, cache, shots, eval_limit, seed, quick, log, scan_cell=True, cached_only=False,
+              settings=None):
     """Every cell of one model, each read from the cache or computed and cached (cached_only: missing
-    defense cells are left out, not computed)."""
+    defense cells are left out, not computed). `settings`: --set's overrides {field: value}."""
+    settings = settings or {}
     cells = {}
     job = scan_cached = None
     for cell in ["none"] + (["scan"] if scan_cell else []) + defenses:
@@ -94,7 +96,7 @@ def run_model(model, defenses, cache, shots, eval_limit, seed, quick, log, scan_
             if cell == "scan" and (stale(cached, quick) or not (tensors.is_file() or cached_only)):
                 # inversion settings moved (or the inverted triggers were not kept): detect again, repair again
                 (cache / model["name"] / "repair.json").unlink(missing_ok=True)
-            elif cell not in ("none", "scan") and stale_defense(cell, cached, quick, seed):
+            elif cell not in ("none", "scan") and stale_defense(cell, cached, quick, seed, settings):
                 pass                                       # the defense's settings moved: tune again
             else:
                 if cell == "scan":
@@ -103,7 +105,7 @@ def run_model(model, defenses, cache, shots, eval_limit, seed, quick, log, scan_
                 cells[cell] = cached
                 continue
         if job is None:
-            job = prepare(job_config(model, shots, eval_limit, seed), log=lambda *a: None)
+            job = prepare(job_config(model, shots, eval_limit, seed, settings), log=lambda *a: None)
         t0 = time.time()
         if cell == "none":
             res = evaluate_attack(job.clip, job.test, job.trigger, job.target, text=job.text)
@@ -120,9 +122,9 @@ def run_model(model, defenses, cache, shots, eval_limit, seed, quick, log, scan_
             if cell == "repair" and job.detection is None and scan_cached is not None:   # reuse the scan's triggers
                 job.detection = conclude(scan_cached, load_tensors(cache / model["name"] / "scan.safetensors"),
                                          detect_config(quick), job.clip.image_size)
-            tuned = defend(job, cell, defense_config(cell, quick, seed))
+            tuned = defend(job, cell, defense_config(cell, quick, seed, settings))
             res = {**tuned.after, "tune_seconds": round(tuned.seconds, 2), **tuned.extra,
-                   "config": json.loads(json.dumps(tuned.config)), "unlabelled": SETTINGS.get("unlabelled", 0)}
+                   "config": json.loads(json.dumps(tuned.config)), "unlabelled": settings.get("unlabelled", 0)}
         res["seconds"] = round(time.time() - t0, 2)
         if cell not in ("none", "scan") and tuned.gate is not None:
             # the same prompts on every image: what the gate saves (an extra evaluation, not the defense's time)
@@ -134,14 +136,11 @@ def run_model(model, defenses, cache, shots, eval_limit, seed, quick, log, scan_
     return cells
 
 
-# --set FIELD=VALUE: overrides of every defense's config fields (a sweep on the dev split); the field
-# `unlabelled` is the job's instead: extra clean train images without labels (engine.job.JobConfig)
-SETTINGS = {}
-
-
-def defense_config(cell, quick, seed):
+def defense_config(cell, quick, seed, settings=None):
+    """The defense's config with --set FIELD=VALUE overrides of its fields (a sweep on the dev split); the
+    field `unlabelled` is the job's instead: extra clean train images without labels (engine.job.JobConfig)."""
     cfg = purify.config(cell, "lab-vit", epochs=QUICK_EPOCHS[cell] if quick else None, seed=seed)
-    return replace(cfg, **{k: v for k, v in SETTINGS.items() if hasattr(cfg, k) and k != "unlabelled"})
+    return replace(cfg, **{k: v for k, v in (settings or {}).items() if hasattr(cfg, k) and k != "unlabelled"})
 
 
 def _setting(text):
@@ -155,15 +154,16 @@ def _setting(text):
         return key, value
 
 
-def stale_defense(cell, cached, quick, seed):
+def stale_defense(cell, cached, quick, seed, settings=None):
     """True when a cached defense cell was tuned with other settings than the defense's current ones (a
     repair cell without its settings recorded counts as stale; older RVPT/CBPT cells are kept)."""
     if "config" not in cached:
         return cell == "repair"
-    if cached.get("unlabelled", 0) != SETTINGS.get("unlabelled", 0):
+    settings = settings or {}
+    if cached.get("unlabelled", 0) != settings.get("unlabelled", 0):
         return True
     return not _same(_without_cuts(cached["config"]),
-                     _without_cuts(json.loads(json.dumps(defense_config(cell, quick, seed).as_dict()))))
+                     _without_cuts(json.loads(json.dumps(defense_config(cell, quick, seed, settings).as_dict()))))
 
 
 def _without_cuts(cfg):
@@ -181,7 +181,8 @@ def inversion_settings(cfg):
 
 # Config fields added after cells were cached, each with the value that does what the code did before the
 # field existed: a cached cell without the field ran with that value (not with today's default).
-ADDED_FIELDS = {"adv_steps": 1, "extra": [], "extra_steps": 100, "blend_alpha": 0.2, "gate": False}
+ADDED_FIELDS = {"adv_steps": 1, "extra": [], "extra_steps": 100, "blend_alpha": 0.2, "gate": False,
+                "bounded_eps": 0.1, "clean_focus": 0.0}
 
 
 def _same(stored, current):
@@ -361,9 +362,8 @@ def main(argv=None):
                    help="override these config fields of the defenses that have them (a dev-split sweep; use "
                         "another --results folder so the cached defaults stay)")
     args = p.parse_args(argv)
-    SETTINGS.clear()
-    SETTINGS.update(_setting(t) for t in args.set)
-    unknown = [k for k in SETTINGS if k != "unlabelled"
+    settings = dict(_setting(t) for t in args.set)
+    unknown = [k for k in settings if k != "unlabelled"
                and not any(hasattr(purify.config(d, "lab-vit"), k) for d in args.defenses)]
     if unknown:
         raise SystemExit(f"--set: no defense among {args.defenses} has the field(s) {unknown}")
@@ -394,7 +394,7 @@ def main(argv=None):
     rows = []
     for m in models:
         cells = run_model(m, args.defenses, cache, shots, eval_limit, args.seed, args.quick, print,
-                          scan_cell=not args.skip_scan, cached_only=args.cached_only)
+                          scan_cell=not args.skip_scan, cached_only=args.cached_only, settings=settings)
         rows.append({"name": m["name"], "family": m.get("family", m.get("attack") or "clean"), "target": m["target"],
                      "kind": kind(m), "cells": cells})
     if args.skip_scan or args.shard:   # a part of the run: the merging --cached-only run writes the tables

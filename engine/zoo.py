@@ -26,10 +26,12 @@ FAMILIES = ("patch", "blend", "periodic", "warp", "optimised")
 # poisoned models per split (a backdoor that did not take makes its model a control, so the test split
 # poisons more than the 20 backdoored models it must hold) and clean controls. holdout: never used to
 # choose anything, measured once after the detector's cuts and the repair's defaults were frozen (the
-# test split's per-model results had been seen before they last moved).
+# test split's per-model results had been seen before they last moved). fresh: the same, for the repair
+# defaults chosen on dev after the holdout had been read once.
 SPLITS = {"dev": {"base": 10_000, "poisoned": 5, "clean": 1},
           "test": {"base": 20_000, "poisoned": 26, "clean": 5},
-          "holdout": {"base": 30_000, "poisoned": 10, "clean": 2}}
+          "holdout": {"base": 30_000, "poisoned": 10, "clean": 2},
+          "fresh": {"base": 40_000, "poisoned": 6, "clean": 1}}
 
 
 def cache_dir():

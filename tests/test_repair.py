@@ -37,8 +37,53 @@ def test_stand_in_inverts_a_blend_towards_the_suspected_target(lab):
     found = {"suspected_target": 8, "mask": {"target_index": 8}, "mask_trigger": None}
     fam = repair._stand_in("blend", clip, few, text, found, cfg, progress=False)
     assert isinstance(fam, targeted.BlendFamily) and fam.alpha == 0.2
-    with pytest.raises(Exception, match="use mask or blend"):
+    with pytest.raises(Exception, match="use mask, blend or bounded"):
         repair._stand_in("warp", clip, few, text, found, cfg, progress=False)
+
+
+def test_bounded_stand_in_changes_no_pixel_by_more_than_eps(lab):
+    clip, few, text = lab
+    cfg = repair.RepairConfig(extra=("bounded",), extra_steps=3, bounded_eps=0.07)
+    found = {"suspected_target": 8, "mask": {"target_index": 8}, "mask_trigger": None}
+    fam = repair._stand_in("bounded", clip, few, text, found, cfg, progress=False)
+    assert isinstance(fam, targeted.BoundedFamily) and fam.eps == 0.07
+    x = few.images[:6]
+    out = fam.apply(x)[0]
+    assert out.shape == x.shape and (out - x).abs().max() <= 0.07 + 1e-6 and (out - x).abs().max() > 0.01
+    assert (out >= 0).all() and (out <= 1).all()
+
+
+def test_bounded_family_from_a_stripe_pattern_adds_that_pattern():
+    s, eps = 8, 0.1
+    stripe = 0.05 * torch.sin(torch.arange(s, dtype=torch.float32)).view(1, 1, s)   # one vertical stripe pattern
+    fam = targeted.BoundedFamily(1, s, targeted.TargetedConfig(bounded_eps=eps), None, torch.device("cpu"),
+                                 init=(stripe[None],))
+    x = torch.full((2, 3, s, s), 0.5)
+    torch.testing.assert_close(fam.apply(x)[0], x + stripe, atol=1e-5, rtol=0)
+
+
+def test_weighted_distill_loss_is_the_weighted_mean_of_the_cosine_gaps():
+    g = torch.Generator().manual_seed(3)
+    a, b = torch.randn(5, 7, generator=g), torch.randn(5, 7, generator=g)
+    w = torch.tensor([1.0, 3.0, 1.0, 1.0, 3.0])
+    gap = 1 - torch.nn.functional.cosine_similarity(a, b, dim=-1)
+    torch.testing.assert_close(repair.distill_loss(a, b, w), (w * gap).sum() / w.sum())
+    torch.testing.assert_close(repair.distill_loss(a, b), gap.mean())
+
+
+def test_clean_focus_changes_the_tuning_only_when_the_frozen_model_predicts_the_focus_class(lab):
+    clip, few, text = lab
+    trig = lambda x: targeted.stamp(x, torch.zeros(1, 32, 32), torch.zeros(3, 32, 32))  # noqa: E731 (no-op trigger)
+    pred = (torch.nn.functional.normalize(clip.encode_image(clip.normalise(few.images)), dim=-1) @ text.t()).argmax(1)
+    hit = int(pred.mode().values)              # the class the frozen model predicts most often on the shots
+    plain_cfg = repair.RepairConfig(epochs=1, batch=8)
+    focus_cfg = repair.RepairConfig(epochs=1, batch=8, clean_focus=4.0)
+    _, plain = repair.tune_prompts(clip, few.images, trig, plain_cfg, progress=False)
+    _, focused = repair.tune_prompts(clip, few.images, trig, focus_cfg, progress=False, focus=(text, hit))
+    assert plain != focused
+    # a class no image is predicted as: every weight is 1, the same run as without the focus
+    _, same = repair.tune_prompts(clip, few.images, trig, focus_cfg, progress=False, focus=(text, -1))
+    assert same == plain
 
 
 def test_several_adversarial_triggers_are_all_updated_and_the_prompts_tuned(lab):
@@ -133,3 +178,16 @@ def test_tune_cli_records_the_gate_and_export_reads_it(tmp_path):
     run = runs.read(out)
     assert run.gate == D.FASHION_CLASSES.index("bag")
     assert folded.from_run(out).module.gate == run.gate
+
+
+def test_an_extra_of_the_flagged_family_is_a_restart_from_another_seed(lab):
+    clip, few, text = lab
+    cfg = repair.RepairConfig(extra=("mask",), extra_steps=3)
+    m0, p0 = torch.full((1, 32, 32), 0.05), torch.full((3, 32, 32), 0.5)
+    found = {"suspected_target": 8, "mask": {"target_index": 8}, "mask_trigger": (m0, p0)}
+    own = repair._stand_in("mask", clip, few, text, found, cfg, progress=False)
+    torch.testing.assert_close(own.result()[0][0], m0, atol=1e-4, rtol=0)        # the detector's own trigger
+    first = repair._stand_in("mask", clip, few, text, found, cfg, progress=False, restart=1)
+    second = repair._stand_in("mask", clip, few, text, found, cfg, progress=False, restart=2)
+    assert not torch.allclose(first.result()[1], second.result()[1])           # another seed, another start
+    assert not torch.allclose(first.result()[0][0], m0)

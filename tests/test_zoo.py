@@ -142,4 +142,3 @@ def test_zoo_set_refuses_malformed_and_unknown_fields():
     with pytest.raises(SystemExit, match="no defense among"):
         bench_zoo.main(["--defenses", "repair", "--set", "no_such_field=1"])
     assert bench_zoo._setting("extra=[\"blend\"]") == ("extra", ["blend"]) and bench_zoo._setting("x=abc") == ("x", "abc")
-    bench_zoo.SETTINGS.clear()   # main() leaves the refused settings behind

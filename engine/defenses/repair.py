@@ -21,7 +21,6 @@ from ..errors import UserError
 from ..augment import augment
 from ..inversion import detect as det
 from ..inversion import LOGIT_SCALE, targeted
-from ..inversion import stripes as stripe_inversion
 from . import minibatch_epochs
 
 
@@ -40,17 +39,21 @@ class RepairConfig:
     adv_lr: float = 0.02         # adversarial: Adam on the trigger's mask and pattern logits (0.1 cost more CA)
     adv_steps: int = 1           # adversarial: trigger steps before each prompt step
     adversarial_stripes: bool = True    # stripe triggers too (the pattern re-optimised within the stripes' eps)
-    # stand-ins of other families beside the flagged one, each inverted towards the suspected target on
-    # the shots (extra_steps) and then adversarial like it: "blend" (a global pattern at blend_alpha, the
-    # family a small mask stands in for worst), "mask" (when stripes or a warp flagged)
+    # more stand-ins beside the flagged trigger, each inverted towards the suspected target on the shots
+    # (extra_steps) and then adversarial like it: "blend" (a global pattern at blend_alpha, the family a
+    # small mask stands in for worst), "bounded" (a global additive pattern, |d| <= bounded_eps), "mask";
+    # the flagged family's own name adds a restart of it (another seed); the terms are averaged
     extra: tuple = ()
     extra_steps: int = 100
     blend_alpha: float = 0.2
+    bounded_eps: float = 0.1
     start: int = 0               # D: unprompted leading blocks
     tokens: int = 16             # b: prompt tokens per block
     init_std: float = 0.02
     w_clean: float = 30.0        # weights chosen on the dev split (bundled BadNet sweep of w_clean 10 / 30 / 100)
     w_trigger: float = 10.0
+    clean_focus: float = 0.0     # gate: a clean image the frozen model puts in the suspected target weighs
+                                 # 1 + clean_focus in the clean term (the gated model's prompts answer only those)
     lr: float = 0.01
     momentum: float = 0.9
     epochs: int = 30
@@ -62,31 +65,16 @@ class RepairConfig:
         return asdict(self)
 
 
-def distill_loss(prompted, frozen):
-    return (1 - F.cosine_similarity(prompted, frozen, dim=-1)).mean()
-
-
-class _Stripe:
-    """An additive pattern bounded by eps (tanh), from an inverted stripe pattern: the stripes family's
-    trigger as parameters (the same interface as targeted.MaskFamily: params, apply, size)."""
-
-    def __init__(self, pattern, eps):
-        self.eps = eps
-        self.z = torch.atanh((pattern / eps).clamp(-0.999, 0.999)).clone().requires_grad_(True)
-        self.params = [self.z]
-
-    def apply(self, x):
-        return stripe_inversion.add_pattern(x, self.eps * torch.tanh(self.z))[None]
-
-    def size(self):
-        return self.z.new_zeros(1)
+def distill_loss(prompted, frozen, weight=None):
+    gap = 1 - F.cosine_similarity(prompted, frozen, dim=-1)
+    return gap.mean() if weight is None else (weight * gap).sum() / weight.sum()
 
 
 class AdversarialTrigger:
     """A trigger that keeps adapting to the prompts being tuned: before each prompt step, adv_steps Adam
     steps on its parameters towards CE(prompted logits, k) (+ adv_lam * its size, a mask's sum(m)), so the
     prompts must defeat every trigger near the inverted one, not just the one the inversion happened to
-    find. `fam`: one trigger's parameters (targeted.MaskFamily / BlendFamily of one class, or _Stripe)."""
+    find. `fam`: one class's trigger parameters (a targeted.MaskFamily, BlendFamily or BoundedFamily)."""
 
     def __init__(self, k, text, cfg, fam):
         self.fam = fam
@@ -107,13 +95,15 @@ class AdversarialTrigger:
             return self.fam.apply(x)[0]
 
 
-def tune_prompts(clip, images, triggers, cfg, backend="shared", progress=True, neutral=None, unlabelled=None):
+def tune_prompts(clip, images, triggers, cfg, backend="shared", progress=True, neutral=None, unlabelled=None,
+                 focus=None):
     """Deep visual prompts distilled from the frozen encoder on clean and T-triggered images, for every T
     in `triggers` (one callable or a list; their terms are averaged). The triggered images' target is
     f(neutral(x)) (default f(x)): for a stamped trigger, the same region filled with noise, so the prompts
     need not recover what the stamp hides, only ignore what it shows. A trigger with a `step` method
     (AdversarialTrigger) is updated against the prompts before each step. `unlabelled`: extra clean images;
-    each step distils a batch of them too (the epochs still run over `images`)."""
+    each step distils a batch of them too (the epochs still run over `images`). `focus`: (classifier (K, E),
+    class k): with cfg.clean_focus, the clean images the frozen model predicts as k weigh more."""
     triggers = list(triggers) if isinstance(triggers, (list, tuple)) else [triggers]
     torch.manual_seed(cfg.seed)
     prompts = prompted_vit.VisualPrompts.for_visual(clip.visual, cfg.start, cfg.tokens, cfg.init_std).to(clip.device)
@@ -147,7 +137,11 @@ def tune_prompts(clip, images, triggers, cfg, backend="shared", progress=True, n
             target = clip.encode_image(both[:len(clean)])
             target_t = target[:len(x)] if neutral is None else clip.encode_image(clip.normalise(hidden))
         z = prompted_vit.forward(clip.visual, prompts, both, backend)["feature"]
-        return weight * (cfg.w_clean * distill_loss(z[:len(clean)], target)
+        focus_weight = None
+        if focus is not None and cfg.clean_focus:
+            in_k = (F.normalize(target.float(), dim=-1) @ focus[0].t()).argmax(1) == focus[1]
+            focus_weight = 1 + cfg.clean_focus * in_k.float()
+        return weight * (cfg.w_clean * distill_loss(z[:len(clean)], target, focus_weight)
                          + cfg.w_trigger * distill_loss(z[len(clean):], target_t.repeat(len(triggers), 1)))
 
     history = minibatch_epochs(n, cfg.batch, cfg.epochs, g, loss_of, opt, sched, desc="repair prompts",
@@ -176,12 +170,16 @@ def tune(clip, train, text, cfg, backend="shared", progress=True, log=None, dete
             g = torch.Generator(device=clip.device).manual_seed(cfg.seed + 1)
             neutral = lambda x: targeted.stamp(x, m, torch.rand(x.shape, generator=g, device=x.device))  # noqa: E731
     elif found["flagged_by"] == "stripes" and cfg.adversarial_stripes:
-        trigger = AdversarialTrigger(found["suspected_target"], text.to(clip.device), cfg,
-                                     _Stripe(found["stripe_pattern"].to(clip.device), cfg.detect.stripes.eps))
+        stripe = replace(cfg.detect.mask, bounded_eps=cfg.detect.stripes.eps)   # the stripes' own bound
+        trigger = AdversarialTrigger(found["suspected_target"], text.to(clip.device), cfg, targeted.BoundedFamily(
+            1, train.images.shape[-1], stripe, None, clip.device, init=(found["stripe_pattern"][None],)))
+    # an extra of the flagged family is a restart: the same family inverted again from another seed
     extras = [AdversarialTrigger(found["suspected_target"], text.to(clip.device), cfg,
-                                 _stand_in(family, clip, train, text, found, cfg, progress))
-              for family in cfg.extra if family != (found["flagged_by"] or "mask")]
-    prompts, history = tune_prompts(clip, train.images, [trigger, *extras], cfg, backend, progress, neutral, unlabelled)
+                                 _stand_in(family, clip, train, text, found, cfg, progress,
+                                           restart=i + 1 if family == (found["flagged_by"] or "mask") else 0))
+              for i, family in enumerate(cfg.extra)]
+    prompts, history = tune_prompts(clip, train.images, [trigger, *extras], cfg, backend, progress, neutral, unlabelled,
+                                    focus=(text.to(clip.device), found["suspected_target"]))
     if isinstance(trigger, AdversarialTrigger) and found["flagged_by"] in (None, "mask"):
         found["adversarial_mask_size"] = trigger.fam.size().item()
     return {"prompts": prompts, "detection": found, "history": history}
@@ -191,18 +189,20 @@ def _mask_family(m, p):
     return targeted.MaskFamily(1, m.shape[-1], None, None, m.device, init=(m[None], p[None]))
 
 
-def _stand_in(family, clip, train, text, found, cfg, progress):
-    """One class's trigger of `family` ("blend" or "mask") towards the suspected target, inverted on the
-    shots against the frozen model, as the parameters an AdversarialTrigger keeps adapting."""
+def _stand_in(family, clip, train, text, found, cfg, progress, restart=0):
+    """One class's trigger of `family` ("blend", "bounded" or "mask") towards the suspected target, inverted on the
+    shots against the frozen model, as the parameters an AdversarialTrigger keeps adapting. `restart` > 0:
+    inverted from the seed that many past the detector's (another start, another trigger)."""
     k = found["suspected_target"]
-    if family == "mask" and found["mask"]["target_index"] == k:   # the detector's own mask inversion
+    if family == "mask" and found["mask"]["target_index"] == k and not restart:   # the detector's own inversion
         m, p = (t.to(clip.device) for t in found["mask_trigger"])
         return _mask_family(m, p)
-    if family not in ("mask", "blend"):
-        raise UserError(f"repair extra trigger family '{family}': use mask or blend")
-    inv = replace(cfg.detect.mask, blend_alpha=cfg.blend_alpha)
+    if family not in ("mask", "blend", "bounded"):
+        raise UserError(f"repair extra trigger family '{family}': use mask, blend or bounded")
+    inv = replace(cfg.detect.mask, blend_alpha=cfg.blend_alpha, bounded_eps=cfg.bounded_eps,
+                  seed=cfg.detect.mask.seed + restart)
     result, _, _ = targeted.invert(clip, train.images, train.labels, text, inv, classes=[k], family=family,
                                    steps=cfg.extra_steps, progress=progress)
     if family == "mask":
         return _mask_family(result[0][0].to(clip.device), result[1][0].to(clip.device))
-    return targeted.BlendFamily(1, train.images.shape[-1], inv, None, clip.device, init=(result[0].to(clip.device),))
+    return targeted.FAMILIES[family](1, train.images.shape[-1], inv, None, clip.device, init=(result[0].to(clip.device),))

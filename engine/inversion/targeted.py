@@ -40,6 +40,7 @@ class TargetedConfig:
     warp_pixels: float = 3.0   # warp family: largest shift, px
     lr_warp: float = 0.1
     blend_alpha: float = 0.2   # blend family: the pattern's weight over the whole image (the zoo's blends: 0.1-0.25)
+    bounded_eps: float = 0.1   # bounded family: the largest change of a pixel
     seed: int = 0
 
     def as_dict(self):
@@ -154,7 +155,33 @@ class BlendFamily:
         return torch.sigmoid(self.pattern_logit).detach()[:, 0], None
 
 
-FAMILIES = {"mask": MaskFamily, "additive": AdditiveFamily, "warp": WarpFamily, "blend": BlendFamily}
+class BoundedFamily:
+    """x' = clip(x + eps tanh(z)), z (K, 1, 3, S, S): an additive pattern over the whole image, each pixel
+    at most `bounded_eps` (the zoo's periodic and blended triggers change pixels by 0.1-0.25). No size
+    penalty, like the blends. `init`: patterns (K, ...) broadcastable to (3, S, S), e.g. inverted stripes."""
+    name = "bounded"
+
+    def __init__(self, K, s, cfg, g, dev, init=None):
+        self.eps = cfg.bounded_eps
+        if init is None:
+            self.z = (torch.randn(K, 1, 3, s, s, generator=g) * 0.1).to(dev)
+        else:
+            self.z = torch.atanh((init[0] / self.eps).clamp(-0.999, 0.999)).unsqueeze(1).to(dev)
+        self.z.requires_grad_(True)
+        self.params = [self.z]
+
+    def apply(self, x, rows=slice(None)):
+        return (x + self.eps * torch.tanh(self.z[rows])).clamp(0, 1)
+
+    def size(self):
+        return self.z.new_zeros(len(self.z))
+
+    def result(self):
+        return (self.eps * torch.tanh(self.z)).detach()[:, 0], None
+
+
+FAMILIES = {"mask": MaskFamily, "additive": AdditiveFamily, "warp": WarpFamily, "blend": BlendFamily,
+            "bounded": BoundedFamily}
 
 
 def invert(clip, images, labels, text, cfg, classes=None, progress=False, encode=None, family="mask", init=None,
