@@ -182,7 +182,8 @@ def inversion_settings(cfg):
 # Config fields added after cells were cached, each with the value that does what the code did before the
 # field existed: a cached cell without the field ran with that value (not with today's default).
 ADDED_FIELDS = {"adv_steps": 1, "extra": [], "extra_steps": 100, "blend_alpha": 0.2, "gate": False,
-                "bounded_eps": 0.1, "clean_focus": 0.0}
+                "bounded_eps": 0.1, "clean_focus": 0.0, "adv_mask": True,
+                "w_clean_ce": 0.0}
 
 
 def _same(stored, current):

@@ -191,3 +191,24 @@ def test_an_extra_of_the_flagged_family_is_a_restart_from_another_seed(lab):
     second = repair._stand_in("mask", clip, few, text, found, cfg, progress=False, restart=2)
     assert not torch.allclose(first.result()[1], second.result()[1])           # another seed, another start
     assert not torch.allclose(first.result()[0][0], m0)
+
+
+def test_a_pattern_only_adversary_keeps_its_mask(lab):
+    clip, few, text = lab
+    cfg = repair.RepairConfig(epochs=1, batch=8, adv_mask=False)
+    m0, p0 = torch.full((1, 32, 32), 0.05), torch.full((3, 32, 32), 0.5)
+    fam = repair._mask_family(m0, p0, moving_mask=False)
+    mask_before, pattern_before = fam.mask_logit.detach().clone(), fam.pattern_logit.detach().clone()
+    repair.tune_prompts(clip, few.images, [repair.AdversarialTrigger(8, text, cfg, fam)], cfg, progress=False)
+    assert torch.equal(fam.mask_logit, mask_before) and not torch.equal(fam.pattern_logit, pattern_before)
+
+
+def test_the_decision_term_needs_the_focus_classifier_and_changes_the_tuning(lab):
+    clip, few, text = lab
+    trig = lambda x: targeted.stamp(x, torch.zeros(1, 32, 32), torch.zeros(3, 32, 32))  # noqa: E731 (no-op trigger)
+    _, plain = repair.tune_prompts(clip, few.images, trig, repair.RepairConfig(epochs=1, batch=8), progress=False)
+    cfg = repair.RepairConfig(epochs=1, batch=8, w_clean_ce=2.0)
+    _, with_ce = repair.tune_prompts(clip, few.images, trig, cfg, progress=False, focus=(text, -1))
+    _, no_focus = repair.tune_prompts(clip, few.images, trig, cfg, progress=False)
+    assert with_ce != plain and no_focus == plain      # the term reads the classifier that `focus` brings
+    assert all(b > a for a, b in zip(plain, with_ce))   # an added non-negative term: every step's loss grows

@@ -38,6 +38,8 @@ class RepairConfig:
     adv_lam: float = 0.05        # adversarial: mask-size weight of the trigger's objective (sum(m), px)
     adv_lr: float = 0.02         # adversarial: Adam on the trigger's mask and pattern logits (0.1 cost more CA)
     adv_steps: int = 1           # adversarial: trigger steps before each prompt step
+    adv_mask: bool = True        # adversarial mask triggers: the mask moves too (else only the pattern, inside
+                                 # the inverted mask: the trigger cannot grow into the class's real features)
     adversarial_stripes: bool = True    # stripe triggers too (the pattern re-optimised within the stripes' eps)
     # more stand-ins beside the flagged trigger, each inverted towards the suspected target on the shots
     # (extra_steps) and then adversarial like it: "blend" (a global pattern at blend_alpha, the family a
@@ -54,6 +56,8 @@ class RepairConfig:
     w_trigger: float = 10.0
     clean_focus: float = 0.0     # gate: a clean image the frozen model puts in the suspected target weighs
                                  # 1 + clean_focus in the clean term (the gated model's prompts answer only those)
+    w_clean_ce: float = 0.0      # and a cross-entropy of the prompted zero-shot logits towards the frozen model's
+                                 # prediction (its decision, which is all the gate reads; no labels), same weights
     lr: float = 0.01
     momentum: float = 0.9
     epochs: int = 30
@@ -137,11 +141,15 @@ def tune_prompts(clip, images, triggers, cfg, backend="shared", progress=True, n
             target = clip.encode_image(both[:len(clean)])
             target_t = target[:len(x)] if neutral is None else clip.encode_image(clip.normalise(hidden))
         z = prompted_vit.forward(clip.visual, prompts, both, backend)["feature"]
-        focus_weight = None
-        if focus is not None and cfg.clean_focus:
-            in_k = (F.normalize(target.float(), dim=-1) @ focus[0].t()).argmax(1) == focus[1]
-            focus_weight = 1 + cfg.clean_focus * in_k.float()
-        return weight * (cfg.w_clean * distill_loss(z[:len(clean)], target, focus_weight)
+        focus_weight, decision = None, 0.0
+        if focus is not None and (cfg.clean_focus or cfg.w_clean_ce):
+            frozen_pred = (F.normalize(target.float(), dim=-1) @ focus[0].t()).argmax(1)
+            focus_weight = 1 + cfg.clean_focus * (frozen_pred == focus[1]).float()
+            if cfg.w_clean_ce:
+                logits = LOGIT_SCALE * F.normalize(z[:len(clean)].float(), dim=-1) @ focus[0].t()
+                ce = F.cross_entropy(logits, frozen_pred, reduction="none")
+                decision = cfg.w_clean_ce * (focus_weight * ce).sum() / focus_weight.sum()
+        return weight * (decision + cfg.w_clean * distill_loss(z[:len(clean)], target, focus_weight)
                          + cfg.w_trigger * distill_loss(z[len(clean):], target_t.repeat(len(triggers), 1)))
 
     history = minibatch_epochs(n, cfg.batch, cfg.epochs, g, loss_of, opt, sched, desc="repair prompts",
@@ -164,7 +172,8 @@ def tune(clip, train, text, cfg, backend="shared", progress=True, log=None, dete
                 clip, train.images, train.labels, text, found["suspected_target"], m, p, cfg.detect.mask,
                 cfg.refine_lam_factor, cfg.refine_steps, progress)
         m, p = m.to(clip.device), p.to(clip.device)
-        trigger = AdversarialTrigger(found["suspected_target"], text.to(clip.device), cfg, _mask_family(m, p)) \
+        trigger = AdversarialTrigger(found["suspected_target"], text.to(clip.device), cfg,
+                                     _mask_family(m, p, cfg.adv_mask)) \
             if cfg.adversarial else lambda x: targeted.stamp(x, m, p)  # noqa: E731
         if cfg.occluded_target:
             g = torch.Generator(device=clip.device).manual_seed(cfg.seed + 1)
@@ -185,8 +194,13 @@ def tune(clip, train, text, cfg, backend="shared", progress=True, log=None, dete
     return {"prompts": prompts, "detection": found, "history": history}
 
 
-def _mask_family(m, p):
-    return targeted.MaskFamily(1, m.shape[-1], None, None, m.device, init=(m[None], p[None]))
+def _mask_family(m, p, moving_mask=True):
+    """One mask trigger's parameters, for an AdversarialTrigger: mask and pattern, or the pattern alone."""
+    fam = targeted.MaskFamily(1, m.shape[-1], None, None, m.device, init=(m[None], p[None]))
+    if not moving_mask:
+        fam.mask_logit.requires_grad_(False)
+        fam.params = [fam.pattern_logit]
+    return fam
 
 
 def _stand_in(family, clip, train, text, found, cfg, progress, restart=0):
@@ -196,7 +210,7 @@ def _stand_in(family, clip, train, text, found, cfg, progress, restart=0):
     k = found["suspected_target"]
     if family == "mask" and found["mask"]["target_index"] == k and not restart:   # the detector's own inversion
         m, p = (t.to(clip.device) for t in found["mask_trigger"])
-        return _mask_family(m, p)
+        return _mask_family(m, p, cfg.adv_mask)
     if family not in ("mask", "blend", "bounded"):
         raise UserError(f"repair extra trigger family '{family}': use mask, blend or bounded")
     inv = replace(cfg.detect.mask, blend_alpha=cfg.blend_alpha, bounded_eps=cfg.bounded_eps,
@@ -204,5 +218,5 @@ def _stand_in(family, clip, train, text, found, cfg, progress, restart=0):
     result, _, _ = targeted.invert(clip, train.images, train.labels, text, inv, classes=[k], family=family,
                                    steps=cfg.extra_steps, progress=progress)
     if family == "mask":
-        return _mask_family(result[0][0].to(clip.device), result[1][0].to(clip.device))
+        return _mask_family(result[0][0].to(clip.device), result[1][0].to(clip.device), cfg.adv_mask)
     return targeted.FAMILIES[family](1, train.images.shape[-1], inv, None, clip.device, init=(result[0].to(clip.device),))
