@@ -26,7 +26,7 @@ def lab_models_table():
 def main():
     readme = ROOT / "README.md"
     text = readme.read_text()
-    for name in re.findall(r"<!-- bench:([\w-]+) -->", text):
+    for name in re.findall(r"<!-- bench:([\w/-]+) -->", text):
         table = ROOT / "bench" / "results" / f"{name}.md"
         if name == "lab-models":
             content = lab_models_table()

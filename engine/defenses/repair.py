@@ -52,9 +52,10 @@ class RepairConfig:
     start: int = 0               # D: unprompted leading blocks
     tokens: int = 16             # b: prompt tokens per block
     init_std: float = 0.02
-    w_clean: float = 30.0        # weights chosen on the dev split (bundled BadNet sweep of w_clean 10 / 30 / 100)
-    w_trigger: float = 10.0
-    clean_focus: float = 0.0     # gate: a clean image the frozen model puts in the suspected target weighs
+    w_clean: float = 30.0        # w_clean from a bundled BadNet sweep (10 / 30 / 100); w_trigger and clean_focus
+    w_trigger: float = 70.0      # chosen on the zoo's dev split (bench/results/sweeps/repair_dev.md): a stronger
+                                 # trigger term removes more backdoors, the focus keeps the gate's images
+    clean_focus: float = 12.0    # gate: a clean image the frozen model puts in the suspected target weighs
                                  # 1 + clean_focus in the clean term (the gated model's prompts answer only those)
     w_clean_ce: float = 0.0      # and a cross-entropy of the prompted zero-shot logits towards the frozen model's
                                  # prediction (its decision, which is all the gate reads; no labels), same weights
