@@ -8,8 +8,21 @@ import time
 import torch
 
 
+def cpu_model():
+    """(model name, the low-precision matrix flags it has): what a bf16 or int8 ratio depends on."""
+    try:
+        text = open("/proc/cpuinfo").read()
+    except OSError:
+        return platform.processor() or platform.machine(), []
+    name = next((line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("model name")),
+                platform.machine())
+    flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), [])
+    return name, sorted(f for f in flags if f.startswith("amx") or f in ("avx512_bf16", "avx512_vnni", "avx512f"))
+
+
 def machine():
-    info = {"python": platform.python_version(), "torch": torch.__version__, "cpu": platform.processor() or platform.machine(),
+    name, flags = cpu_model()
+    info = {"python": platform.python_version(), "torch": torch.__version__, "cpu": name, "cpu_flags": flags,
             "cores": os.cpu_count(), "threads": torch.get_num_threads()}
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name()

@@ -101,7 +101,9 @@ def main(argv=None):
     write_json(args.out + ".json", {"command": cmd, "machine": machine(), "cpu_bf16": P.cpu_has_bf16(),
                                     "vit_b32_images_per_s": speed, "bf16_speedup": ratio, "speedup": speedup,
                                     "lab": rows, "tuned": tuned, "seconds": round(time.time() - t0, 1)})
-    lines = [f"ViT-B-32 (random weights) image tower, batch {args.batch}, CPU, {torch.get_num_threads()} threads, "
+    cpu = machine()
+    lines = [f"ViT-B-32 (random weights) image tower, batch {args.batch}, CPU {cpu['cpu']} "
+             f"({', '.join(cpu['cpu_flags']) or 'no bf16 flags'}), {torch.get_num_threads()} threads, "
              f"images/s side by side:", "", "| mode | images/s | x fp32 |", "|---|---|---|"]
     lines += [f"| {'**bf16** (`--precision bf16` evaluation: the tower in bf16, no autocast)' if n == 'bf16' else n} | "
               f"{speed[n]:.1f} | {speedup[n]:.2f} |" for n in speed]
