@@ -48,20 +48,19 @@ def autocast(precision, device):
 
 
 @contextlib.contextmanager
-def stored_in(module, precision, matrices_only=True):
+def stored_in(module, precision):
     """Within the block, `module`'s floating weight matrices (parameters and buffers of 2+ dimensions:
     linear, convolution, projection and embedding weights, the matmul work) are stored in `precision`
     (fp32: as they are); the fp32 tensors are put back after, untouched. Norm weights and biases stay fp32
-    (under autocast the CPU layer_norm takes low-precision inputs only with fp32 parameters) unless not
-    `matrices_only` (every floating tensor: a tower that runs in the low precision throughout). For frozen
-    weights: no gradient reaches them inside the block."""
+    (the CPU layer_norm takes low-precision inputs only with fp32 parameters). For frozen weights: no
+    gradient reaches them inside the block."""
     if precision == "fp32":
         yield module
         return
     dtype, kept = DTYPES[precision], []
     try:
         for t in [*module.parameters(), *module.buffers()]:
-            if t.is_floating_point() and (t.dim() >= 2 or not matrices_only) and t.dtype != dtype:
+            if t.is_floating_point() and t.dim() >= 2 and t.dtype != dtype:
                 kept.append((t, t.data))
                 t.data = t.data.to(dtype)
         yield module
@@ -77,15 +76,8 @@ def run(precision, device, model):
         yield
 
 
-@contextlib.contextmanager
 def evaluation(precision, device, model):
-    """For inference only (no gradients): with a ViT image tower, the whole model (norms and biases too)
-    stored in `precision` and run in it without autocast, whose per-op casts of the activations cost more
-    than the bf16 matmuls save on the CPU (bench/results/precision.md); other towers as in run()."""
-    from .prompted_vit import supports
-    if precision == "fp32" or not supports(getattr(model, "visual", None)):
-        with run(precision, device, model):
-            yield
-        return
-    with stored_in(model, precision, matrices_only=False):
-        yield
+    """For inference only (no gradients): autocast alone over the fp32 weights. It measured faster than
+    the tuning path's stored bf16 matrices and than a tower stored wholly in bf16 without autocast, on an
+    AMX and on an AVX512-BF16 CPU (bench/results/precision.md has this CPU's rows)."""
+    return autocast(precision, device)

@@ -97,12 +97,6 @@ def naive_block(block, x, prompt):
     return torch.cat([out[:, :1], out[:, 1 + prompt.shape[0]:]], dim=1)
 
 
-def _embeds(visual, images):
-    """open_clip's patch + class + position embedding, the images cast to the patch weights' dtype (a
-    no-op in fp32 and under autocast; engine.precision.evaluation stores the whole tower in bf16)."""
-    return visual._embeds(images.to(visual.conv1.weight.dtype))
-
-
 def _cls_pooled(visual):
     """True when the image feature depends on the class token alone (CLIP's token pooling)."""
     return visual.pool_type == "tok" and visual.attn_pool is None
@@ -122,7 +116,7 @@ def forward(visual, prompts, images, backend="shared", with_frozen=False):
         raise UserError(f"unknown backend '{backend}'; choose from {BACKENDS}")
     blocks = visual.transformer.resblocks
     start = prompts.start
-    h = _embeds(visual, images)
+    h = visual._embeds(images)
     frozen_cls = None
     if backend == "naive":
         if with_frozen:
@@ -152,9 +146,8 @@ def forward(visual, prompts, images, backend="shared", with_frozen=False):
                     fc.append(f[:, 0])
                 frozen_cls = torch.stack(fc, 1)
         cls = []
-        for i in range(start, len(blocks)):   # the prompts (fp32) meet a low-precision tower in its dtype
-            h = shared_block(blocks[i], h, prompts.prompts[i - start].to(h.dtype), attend,
-                             cls_only=i == last and cls_only)
+        for i in range(start, len(blocks)):
+            h = shared_block(blocks[i], h, prompts.prompts[i - start], attend, cls_only=i == last and cls_only)
             cls.append(h[:, 0])
     out = {"feature": _head(visual, h), "cls": torch.stack(cls, 1)}
     if with_frozen:
@@ -175,7 +168,7 @@ def frozen_forward(visual, images):
     bench/results/tune_step.json's bf16 rows measured)."""
     blocks = visual.transformer.resblocks
     last, cls_only = len(blocks) - 1, _cls_pooled(visual)
-    h = _embeds(visual, images)
+    h = visual._embeds(images)
     for i, blk in enumerate(blocks):
         h = shared_block(blk, h, None, cls_only=cls_only and i == last)
     return _head(visual, h)
