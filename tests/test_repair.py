@@ -31,23 +31,23 @@ def test_blend_family_moves_each_pixel_at_most_alpha_of_the_way(lab):
     torch.testing.assert_close(out, 0.85 * x + 0.15 * patterns[0], atol=2e-4, rtol=0)
 
 
-def test_stand_in_inverts_a_blend_towards_the_suspected_target(lab):
+def _stand_in_towards_8(lab, family, **cfg):
     clip, few, text = lab
-    cfg = repair.RepairConfig(extra=("blend",), extra_steps=2, blend_alpha=0.2)
     found = {"suspected_target": 8, "mask": {"target_index": 8}, "mask_trigger": None}
-    fam = repair._stand_in("blend", clip, few, text, found, cfg, progress=False)
+    return repair._stand_in(family, clip, few, text, found, repair.RepairConfig(extra=(family,), **cfg), progress=False)
+
+
+def test_stand_in_inverts_a_blend_towards_the_suspected_target(lab):
+    fam = _stand_in_towards_8(lab, "blend", extra_steps=2, blend_alpha=0.2)
     assert isinstance(fam, targeted.BlendFamily) and fam.alpha == 0.2
     with pytest.raises(Exception, match="use mask, blend or bounded"):
-        repair._stand_in("warp", clip, few, text, found, cfg, progress=False)
+        _stand_in_towards_8(lab, "warp")
 
 
 def test_bounded_stand_in_changes_no_pixel_by_more_than_eps(lab):
-    clip, few, text = lab
-    cfg = repair.RepairConfig(extra=("bounded",), extra_steps=3, bounded_eps=0.07)
-    found = {"suspected_target": 8, "mask": {"target_index": 8}, "mask_trigger": None}
-    fam = repair._stand_in("bounded", clip, few, text, found, cfg, progress=False)
+    fam = _stand_in_towards_8(lab, "bounded", extra_steps=3, bounded_eps=0.07)
     assert isinstance(fam, targeted.BoundedFamily) and fam.eps == 0.07
-    x = few.images[:6]
+    x = lab[1].images[:6]
     out = fam.apply(x)[0]
     assert out.shape == x.shape and (out - x).abs().max() <= 0.07 + 1e-6 and (out - x).abs().max() > 0.01
     assert (out >= 0).all() and (out <= 1).all()
