@@ -1,5 +1,5 @@
-"""Evaluation in bf16 (`--precision bf16`: torch.autocast over the fp32 weights, engine.precision.evaluation,
-on AMX / AVX512-BF16 CPUs) against fp32, side by side in one run:
+"""Evaluation in bf16 (`--precision bf16`: torch.autocast over the fp32 weights, engine.job.measure, on
+AMX / AVX512-BF16 CPUs) against fp32, side by side in one run:
 images/s on ViT-B-32 (random weights: speed only), CA/ASR of every bundled lab model (lab CLIP on
 Fashion-MNIST) in both precisions, and CA/ASR after tuning RVPT and the repair on the bundled BadNet model
 in each precision.
@@ -25,10 +25,10 @@ from .common import command, interleaved_medians, machine
 
 
 # the ways of running the frozen tower in bf16, each timed beside fp32: `bf16` is what evaluation runs
-# (engine.precision.evaluation: autocast over the fp32 weights, each call casting them); `bf16 tuning
-# path` stores the weight matrices in bf16 under autocast (engine.precision.run)
-MODES = {"fp32": lambda clip, dev: P.evaluation("fp32", dev, clip.model),
-         "bf16": lambda clip, dev: P.evaluation("bf16", dev, clip.model),
+# (engine.job.measure: autocast over the fp32 weights, each call casting them); `bf16 tuning path`
+# stores the weight matrices in bf16 under autocast (engine.precision.run)
+MODES = {"fp32": lambda clip, dev: P.autocast("fp32", dev),
+         "bf16": lambda clip, dev: P.autocast("bf16", dev),
          "bf16 tuning path": lambda clip, dev: P.run("bf16", dev, clip.model)}
 
 
@@ -117,10 +117,10 @@ def main(argv=None):
     cmd = command("bench.precision", argv)
     speedup = {name: speed[name] / speed["fp32"] for name in speed}
     ratio = speedup["bf16"]
-    write_json(args.out + ".json", {"command": cmd, "machine": machine(), "cpu_bf16": P.cpu_has_bf16(),
+    cpu = machine()
+    write_json(args.out + ".json", {"command": cmd, "machine": cpu, "cpu_bf16": P.cpu_has_bf16(),
                                     "vit_b32_images_per_s": speed, "bf16_speedup": ratio, "speedup": speedup,
                                     "lab": rows, "tuned": tuned, "seconds": round(time.time() - t0, 1)})
-    cpu = machine()
     lines = [f"ViT-B-32 (random weights) image tower, batch {args.batch}, CPU {cpu['cpu']} "
              f"({', '.join(cpu['cpu_flags']) or 'no bf16 flags'}), {torch.get_num_threads()} threads, "
              f"images/s side by side:", "", "| mode | images/s | x fp32 |", "|---|---|---|"]

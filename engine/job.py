@@ -166,7 +166,8 @@ def defend(job, name, cfg=None, progress=False, log=None):
 
 def measure(job, tuned=None):
     """CA/ASR/PA % on the job's test set, of the model as loaded (tuned=None) or as the defense tuned it."""
-    with P.evaluation(job.eval_precision, job.clip.device, job.clip.model):
+    # autocast alone, no stored bf16 weights: the faster way to evaluate (bench/results/precision.md)
+    with P.autocast(job.eval_precision, job.clip.device):
         if tuned is None:
             return evaluate_attack(job.clip, job.test, job.trigger, job.target, text=job.text)
         return purify.measure(tuned, job.clip, job.test, job.trigger, job.target, job.text, job.templates)

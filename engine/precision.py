@@ -4,8 +4,11 @@ frozen model's floating weights in the low precision for the block (one cast, ke
 under torch.autocast, which casts the fp32 prompts and activations into the matmuls and keeps reductions
 and losses in fp32; features leave the image tower as fp32 (engine.evaluate).
 
-`auto` picks bf16 on CUDA sm80+ and on CPUs with AMX or AVX512-BF16, fp32 elsewhere: on this project's
-AMX CPU a ViT-B-32 forward and RVPT step in bf16 are faster than fp32 (bench/results/precision.md,
+Evaluation (no gradients) uses autocast alone over the fp32 weights (engine.job.measure): side by side
+it was faster than the stored bf16 matrices (bench/results/precision.md).
+
+`auto` picks bf16 on CUDA sm80+ and on CPUs with AMX or AVX512-BF16, fp32 elsewhere: on the project's CPUs
+a ViT-B-32 forward and RVPT step in bf16 are faster than fp32 (bench/results/precision.md,
 tune_step.md); the small lab model's matmuls are too small to gain (the same files)."""
 import contextlib
 from functools import cache
@@ -75,9 +78,3 @@ def run(precision, device, model):
     with stored_in(model, precision), autocast(precision, device):
         yield
 
-
-def evaluation(precision, device, model):
-    """For inference only (no gradients): autocast alone over the fp32 weights. It measured faster than
-    the tuning path's stored bf16 matrices and than a tower stored wholly in bf16 without autocast, on an
-    AMX and on an AVX512-BF16 CPU (bench/results/precision.md has this CPU's rows)."""
-    return autocast(precision, device)

@@ -25,9 +25,9 @@ ZOO_DIR = REPO_ROOT / "checkpoints" / "zoo" / "models"
 FAMILIES = ("patch", "blend", "periodic", "warp", "optimised")
 # poisoned models per split (a backdoor that did not take makes its model a control, so the test split
 # poisons more than the 20 backdoored models it must hold) and clean controls. holdout: never used to
-# choose anything, measured once after the detector's cuts and the repair's defaults were frozen (the
-# test split's per-model results had been seen before they last moved). fresh: the same, for the repair
-# defaults chosen on dev after the holdout had been read once.
+# choose anything; measured after the detector's cuts and the repair's defaults were frozen, and again
+# after the repair's trigger weight and focus were chosen on dev. fresh: built while those were chosen,
+# measured once after they froze.
 SPLITS = {"dev": {"base": 10_000, "poisoned": 5, "clean": 1},
           "test": {"base": 20_000, "poisoned": 26, "clean": 5},
           "holdout": {"base": 30_000, "poisoned": 10, "clean": 2},

@@ -30,7 +30,7 @@ def test_bf16_evaluation_runs_in_bf16_and_stays_close_to_fp32():
         lambda m, i, o: seen.append((o.dtype, m[0].weight.dtype, torch.is_autocast_enabled("cpu"))))
     bf16 = measure(job)
     hook.remove()
-    # autocast over the fp32 weights (engine.precision.evaluation): the matmuls' outputs are bf16
+    # autocast over the fp32 weights (engine.job.measure): the matmuls' outputs are bf16
     assert seen and all(s == (torch.bfloat16, torch.float32, True) for s in seen)
     assert abs(bf16["ca"] - fp32["ca"]) <= 2.0 and abs(bf16["asr"] - fp32["asr"]) <= 2.0
 

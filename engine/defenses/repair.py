@@ -70,9 +70,12 @@ class RepairConfig:
         return asdict(self)
 
 
+def _mean(values, weight=None):
+    return values.mean() if weight is None else (weight * values).sum() / weight.sum()
+
+
 def distill_loss(prompted, frozen, weight=None):
-    gap = 1 - F.cosine_similarity(prompted, frozen, dim=-1)
-    return gap.mean() if weight is None else (weight * gap).sum() / weight.sum()
+    return _mean(1 - F.cosine_similarity(prompted, frozen, dim=-1), weight)
 
 
 class AdversarialTrigger:
@@ -148,8 +151,7 @@ def tune_prompts(clip, images, triggers, cfg, backend="shared", progress=True, n
             focus_weight = 1 + cfg.clean_focus * (frozen_pred == focus[1]).float()
             if cfg.w_clean_ce:
                 logits = LOGIT_SCALE * F.normalize(z[:len(clean)].float(), dim=-1) @ focus[0].t()
-                ce = F.cross_entropy(logits, frozen_pred, reduction="none")
-                decision = cfg.w_clean_ce * (focus_weight * ce).sum() / focus_weight.sum()
+                decision = cfg.w_clean_ce * _mean(F.cross_entropy(logits, frozen_pred, reduction="none"), focus_weight)
         return weight * (decision + cfg.w_clean * distill_loss(z[:len(clean)], target, focus_weight)
                          + cfg.w_trigger * distill_loss(z[len(clean):], target_t.repeat(len(triggers), 1)))
 
