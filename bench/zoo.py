@@ -93,10 +93,16 @@ def run_model(model, defenses, cache, shots, eval_limit, seed, quick, log, scan_
         if path.is_file():
             cached = json.loads(path.read_text())
             tensors = cache / model["name"] / "scan.safetensors"
+            if cell == "scan" and tensors.is_file() and needs_recheck(cached, quick) and not cached_only:
+                job = job or prepare(job_config(model, shots, eval_limit, seed, settings), log=lambda *a: None)
+                cached = recheck_scan(job, cached, tensors, quick, cache / model["name"] / "repair.json")
+                write_json(path, cached)
+                log(f"{model['name']}: scan rechecked: {cached['verdict']} ({cached['suspected_target']})")
             if cell == "scan" and (stale(cached, quick) or not (tensors.is_file() or cached_only)):
                 # inversion settings moved (or the inverted triggers were not kept): detect again, repair again
                 (cache / model["name"] / "repair.json").unlink(missing_ok=True)
-            elif cell not in ("none", "scan") and stale_defense(cell, cached, quick, seed, settings):
+            elif cell not in ("none", "scan") and stale_defense(cell, cached, quick, seed, settings,
+                                                                (scan_cached or {}).get("flagged_by", "?")):
                 pass                                       # the defense's settings moved: tune again
             else:
                 if cell == "scan":
@@ -113,10 +119,7 @@ def run_model(model, defenses, cache, shots, eval_limit, seed, quick, log, scan_
             # engine.scan's default: the detector on the tuning shots (the same the defenses get); the repair
             # cell reuses this detection instead of running it again
             r = job.detection = detect(job.clip, job.train, job.text, detect_config(quick))
-            res = {"verdict": r["verdict"], "suspected_target": job.test.classes[r["suspected_target"]],
-                   "flagged_by": r["flagged_by"],
-                   "score": score(r), "mask": r["mask"], "stripes": r["stripes"], "warp": r["warp"],
-                   "inversion": inversion_settings(detect_config(quick))}
+            res = scan_record(r, job.test.classes, quick)
             save_tensors(cache / model["name"] / "scan.safetensors", r)   # before scan.json: a scan cell implies them
         else:
             if cell == "repair" and job.detection is None and scan_cached is not None:   # reuse the scan's triggers
@@ -154,24 +157,69 @@ def _setting(text):
         return key, value
 
 
-def stale_defense(cell, cached, quick, seed, settings=None):
+def stale_defense(cell, cached, quick, seed, settings=None, flagged_by="?"):
     """True when a cached defense cell was tuned with other settings than the defense's current ones (a
-    repair cell without its settings recorded counts as stale; older RVPT/CBPT cells are kept)."""
+    repair cell without its settings recorded counts as stale; older RVPT/CBPT cells are kept).
+    `flagged_by`: the cached scan's flagging family ("?": unknown), for the settings that only apply to some."""
     if "config" not in cached:
         return cell == "repair"
     settings = settings or {}
     if cached.get("unlabelled", 0) != settings.get("unlabelled", 0):
         return True
-    return not _same(_without_cuts(cached["config"]),
-                     _without_cuts(json.loads(json.dumps(defense_config(cell, quick, seed, settings).as_dict()))))
+    return not _same(_without_cuts(cached["config"], flagged_by),
+                     _without_cuts(json.loads(json.dumps(defense_config(cell, quick, seed, settings).as_dict())),
+                                   flagged_by))
 
 
-def _without_cuts(cfg):
-    """A defense config without the detector's thresholds: a repair whose verdict and flagging family they
-    do not change (stale() checks that) is the same repair."""
+def _without_cuts(cfg, flagged_by="?"):
+    """A defense config without the detector's thresholds and mask recheck: a repair whose verdict, flagging
+    family and trigger they do not change (stale() and recheck_scan() check that) is the same repair. Nor
+    does `also_mask` change a repair the mask flagged (or none)."""
+    if isinstance(cfg, dict) and flagged_by in (None, "mask"):
+        cfg = {k: v for k, v in cfg.items() if k != "also_mask"}
     if isinstance(cfg, dict) and "detect" in cfg:
-        cfg = {**cfg, "detect": {k: v for k, v in cfg["detect"].items() if not k.startswith("min_")}}
+        det = {k: v for k, v in cfg["detect"].items() if not k.startswith("min_")}
+        if isinstance(det.get("mask"), dict):
+            det["mask"] = {k: v for k, v in det["mask"].items() if not k.startswith("recheck_")}
+        cfg = {**cfg, "detect": det}
     return cfg
+
+
+def scan_record(result, classes, quick):
+    """What a scan cell stores of detect()'s result (its tensors go to scan.safetensors)."""
+    return {"verdict": result["verdict"], "suspected_target": classes[result["suspected_target"]],
+            "flagged_by": result["flagged_by"], "score": score(result), "mask": result["mask"],
+            "stripes": result["stripes"], "warp": result["warp"], "inversion": inversion_settings(detect_config(quick))}
+
+
+def needs_recheck(scan_cell, quick):
+    """A scan cached before the mask recheck (engine.inversion.detect.recheck_mask) under today's other
+    inversion settings: the recheck alone brings it up to date, the inversions need not run again."""
+    cfg = detect_config(quick)
+    before = replace(cfg, mask=replace(cfg.mask, recheck_top=ADDED_FIELDS["recheck_top"]))
+    return bool(cfg.mask.recheck_top) and "first_run" not in scan_cell["mask"] and \
+        _same(scan_cell.get("inversion"), inversion_settings(before))
+
+
+def recheck_scan(job, cached, tensors_path, quick, repair_path):
+    """The cached scan with its mask evidence rechecked (its stored run is the first), the tensors rewritten;
+    the repair cell is dropped when what it reads changes (target, flagging family or mask trigger)."""
+    from engine.evaluate import predict
+    from engine.inversion.detect import recheck_mask
+    cfg = detect_config(quick)
+    tensors = load_tensors(tensors_path)
+    clean_pred = predict(job.clip, job.train.images, job.text)   # the probe is the shots (engine.scan's default)
+    ev, (m, p) = recheck_mask(job.clip, job.train, job.text, cfg.mask, job.train, clean_pred, cached["mask"],
+                              (tensors["mask"], tensors["pattern"]))
+    tensors.update(mask=m.cpu().contiguous(), pattern=p.cpu().contiguous())
+    r = conclude({"mask": ev, "stripes": cached["stripes"], "warp": cached.get("warp")}, tensors, cfg,
+                 job.clip.image_size)
+    res = scan_record(r, job.test.classes, quick)
+    if ev["target_index"] != cached["mask"]["target_index"] or \
+            (res["suspected_target"], res["flagged_by"]) != (cached["suspected_target"], cached["flagged_by"]):
+        repair_path.unlink(missing_ok=True)
+    save_tensors(tensors_path, r)
+    return {**res, "seconds": round(cached.get("seconds", 0) + ev["seconds"] - cached["mask"]["seconds"], 2)}
 
 
 def inversion_settings(cfg):
@@ -183,7 +231,8 @@ def inversion_settings(cfg):
 # field existed: a cached cell without the field ran with that value (not with today's default).
 ADDED_FIELDS = {"adv_steps": 1, "extra": [], "extra_steps": 100, "blend_alpha": 0.2, "gate": False,
                 "bounded_eps": 0.1, "clean_focus": 0.0, "adv_mask": True,
-                "w_clean_ce": 0.0}
+                "w_clean_ce": 0.0, "also_mask": False,
+                "recheck_top": 0, "recheck_seeds": 2}   # no recheck (any seed count then does the same)
 
 
 def _same(stored, current):
@@ -384,7 +433,7 @@ def main(argv=None):
     recorded = {m["name"] for m in models}
     missing = [m["name"] for m in models if m["checkpoint"] is None] + \
         [s["name"] + " (no record: not built)" for s in (zoo.specs(split) if split in zoo.SPLITS else [])
-         if s["name"] not in recorded]
+         if s["name"] not in recorded and (not args.models or s["name"] in args.models)]
     models = [m for m in models if m["checkpoint"] is not None]
     cache = results / "zoo" / split
     if args.cached_only:  # aggregate what earlier runs finished; list the rest as not run

@@ -7,7 +7,7 @@ Each config NAME:FIELD=VALUE[,FIELD=VALUE...] (the fields of bench.zoo --set) ru
 results folder under --work, whose cache starts from the split's cached scans (bench/results/zoo/<split>/),
 so the detection is shared and only the defense is tuned again (where its cached cell's settings differ);
 a rerun reuses every finished cell.
-Writes bench/results/sweeps/<defense>_<split>.json and .md: the aggregate row of each config."""
+Writes bench/results/sweeps/<defense>_<split>.json and .md (or --name): the aggregate row of each config."""
 import argparse
 import json
 import shutil
@@ -55,6 +55,8 @@ def main(argv=None):
     p.add_argument("--configs", nargs="+", required=True, metavar="NAME:FIELD=VALUE,...")
     p.add_argument("--work", default="bench/results/sweeps/cache", help="the per-config bench.zoo folders")
     p.add_argument("--results", default=str(bench_zoo.RESULTS))
+    p.add_argument("--models", nargs="+", default=None, help="only these model names (bench.zoo --models)")
+    p.add_argument("--name", default=None, help="results file name under sweeps/ (default DEFENSE_SPLIT)")
     args = p.parse_args(argv)
     configs = [parse_config(c) for c in args.configs]
     source = Path(args.results) / "zoo" / args.split
@@ -65,10 +67,11 @@ def main(argv=None):
         folder = Path(args.work) / args.split / name
         seed_cache(source, folder / "zoo" / args.split, args.defense)
         bench_zoo.main(["--split", args.split, "--defenses", args.defense, "--results", str(folder)]
-                       + (["--set", *settings] if settings else []))
+                       + (["--set", *settings] if settings else [])
+                       + (["--models", *args.models] if args.models else []))
         agg = json.loads((folder / f"zoo_{args.split}.json").read_text())["aggregate"]
         rows.append({"config": name, "settings": settings, **agg["defenses"][args.defense]})
-    out = Path(args.results) / "sweeps" / f"{args.defense}_{args.split}"
+    out = Path(args.results) / "sweeps" / (args.name or f"{args.defense}_{args.split}")
     cmd = command("bench.zoo_sweep", argv)
     write_json(str(out) + ".json", {"command": cmd, "machine": machine(), "split": args.split, "rows": rows})
     f = bench_zoo._f

@@ -71,6 +71,10 @@ def format_report(result, cfg):
                  ("stripe anomaly", f"{st['anomaly_index']:.1f}  (>= {cfg.min_stripe_anomaly} to flag)")]
     lines = [f"{k:<20}{v}" for k, v in rows]
     lines.append("mask sizes (px)     " + "  ".join(f"{c} {v:.0f}" for c, v in m["sizes"].items()))
+    if "restart_sizes" in m:   # detect.recheck_mask: these classes' sizes above are means over the runs
+        runs = {c: [m["first_run"]["sizes"][c], *r] for c, r in m["restart_sizes"].items()}
+        lines.append("rechecked (px)      "
+                     + "  ".join(f"{c} " + "/".join(f"{v:.0f}" for v in r) for c, r in runs.items()))
     if st:
         for o, sh in st["shares"].items():
             lines.append(f"{o + ' stripes':<20}" + "  ".join(f"{c} {s:.2f}" for c, s in sh.items()))
@@ -92,6 +96,9 @@ def parse_args(argv=None):
     d.add_argument("--holdout", type=int, default=HOLDOUT, help="held-out train images the trigger is measured on")
     s = p.add_argument_group("inversion")
     s.add_argument("--steps", type=int, default=det.DetectConfig().mask.steps, help="mask inversion steps")
+    s.add_argument("--recheck", type=int, default=det.DetectConfig().mask.recheck_top,
+                   help="the classes with the smallest masks inverted again from more seeds and their sizes "
+                        "averaged (0: one run)")
     s.add_argument("--stripe-steps", type=int, default=det.DetectConfig().stripes.steps,
                    help="stripe inversion steps (0 skips the stripe check)")
     p.add_argument("--seed", type=int, default=0)
@@ -126,6 +133,8 @@ def check_args(args):
     for flag in ("shots", "steps"):
         if getattr(args, flag) < 1:
             raise UserError(f"--{flag} must be at least 1")
+    if args.recheck < 0:
+        raise UserError("--recheck must be 0 (one inversion run) or more")
     if args.stripe_steps < 0:
         raise UserError("--stripe-steps must be 0 (skip) or more")
 
@@ -146,7 +155,7 @@ def run(args):
     few, held = split_shots(train_all, args.shots, args.holdout, args.seed)
     text = clip.text_features(few.classes, D.DEFAULT_TEMPLATES)
     base = det.DetectConfig()
-    cfg = replace(base, mask=replace(base.mask, steps=args.steps, seed=args.seed),
+    cfg = replace(base, mask=replace(base.mask, steps=args.steps, seed=args.seed, recheck_top=args.recheck),
                   stripes=replace(base.stripes, steps=max(args.stripe_steps, 1), seed=args.seed),
                   use_stripes=args.stripe_steps > 0)
     log(f"scanning {args.model} ({checkpoint or args.pretrained or 'random weights'}) on {device}: "

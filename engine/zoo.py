@@ -27,8 +27,9 @@ FAMILIES = ("patch", "blend", "periodic", "warp", "optimised")
 # poisons more than the 20 backdoored models it must hold) and clean controls. holdout: never used to
 # choose anything; measured after the detector's cuts and the repair's defaults were frozen, and again
 # after the repair's trigger weight and focus were chosen on dev. fresh: built while those were chosen,
-# measured once after they froze.
-SPLITS = {"dev": {"base": 10_000, "poisoned": 5, "clean": 1},
+# measured once after they froze. dev grew from 5 + 1 to 15 + 2 (same seeds, more of them) before the
+# stripe-flagged and near-tied-target cases were studied: the first dev split held one of each at most.
+SPLITS = {"dev": {"base": 10_000, "poisoned": 15, "clean": 2},
           "test": {"base": 20_000, "poisoned": 26, "clean": 5},
           "holdout": {"base": 30_000, "poisoned": 10, "clean": 2},
           "fresh": {"base": 40_000, "poisoned": 6, "clean": 1}}

@@ -40,8 +40,23 @@ def _stand_in_towards_8(lab, family, **cfg):
 def test_stand_in_inverts_a_blend_towards_the_suspected_target(lab):
     fam = _stand_in_towards_8(lab, "blend", extra_steps=2, blend_alpha=0.2)
     assert isinstance(fam, targeted.BlendFamily) and fam.alpha == 0.2
-    with pytest.raises(Exception, match="use mask, blend or bounded"):
-        _stand_in_towards_8(lab, "warp")
+    with pytest.raises(Exception, match="use mask, blend, bounded or warp"):
+        _stand_in_towards_8(lab, "additive")
+
+
+def test_warp_stand_in_continues_from_its_inversion_and_shifts_no_pixel_beyond_the_bound(lab):
+    clip, few, text = lab
+    fam = _stand_in_towards_8(lab, "warp", extra_steps=3)
+    assert isinstance(fam, targeted.WarpFamily)
+    cfg = repair.RepairConfig().detect.mask
+    (grids, z), _, _ = targeted.invert(clip, few.images, few.labels, text, cfg, classes=[8], family="warp", steps=3)
+    torch.testing.assert_close(fam.grids(), grids)        # same seed and steps: the inverted warp, continued
+    ramp = torch.linspace(-1, 1, grids.shape[1])
+    identity = torch.stack(torch.meshgrid(ramp, ramp, indexing="xy"), dim=-1)
+    shift_px = (fam.grids()[0] - identity).abs().max() * (grids.shape[1] / 2)
+    assert 0 < shift_px <= cfg.warp_pixels + 1e-4
+    trig = repair.AdversarialTrigger(8, text, repair.RepairConfig(), fam)
+    assert trig(few.images[:4]).shape == few.images[:4].shape
 
 
 def test_bounded_stand_in_changes_no_pixel_by_more_than_eps(lab):
@@ -212,3 +227,21 @@ def test_the_decision_term_needs_the_focus_classifier_and_changes_the_tuning(lab
     _, no_focus = repair.tune_prompts(clip, few.images, trig, cfg, progress=False)
     assert with_ce != plain and no_focus == plain      # the term reads the classifier that `focus` brings
     assert all(b > a for a, b in zip(plain, with_ce))   # an added non-negative term: every step's loss grows
+
+
+@pytest.mark.parametrize("flagged_by, also_mask, expected", [("stripes", True, ["bounded", "mask"]),
+                                                             ("stripes", False, ["bounded"]),
+                                                             ("mask", True, ["mask"])])
+def test_also_mask_adds_the_mask_stand_in_only_beside_another_family(lab, monkeypatch, flagged_by, also_mask, expected):
+    clip, few, text = lab
+    seen = {}
+
+    def record_triggers(clip, images, triggers, *args, **kwargs):   # the prompt tuning itself is not under test
+        seen["families"] = [t.fam.name for t in triggers]
+        return None, []
+    monkeypatch.setattr(repair, "tune_prompts", record_triggers)
+    m0, p0 = torch.full((1, 32, 32), 0.05), torch.full((3, 32, 32), 0.5)
+    found = {"verdict": "backdoored", "suspected_target": 8, "flagged_by": flagged_by, "trigger": None,
+             "mask": {"target_index": 8}, "mask_trigger": (m0, p0), "stripe_pattern": torch.zeros(1, 1, 32)}
+    repair.tune(clip, few, text, repair.RepairConfig(also_mask=also_mask), progress=False, detection=found)
+    assert seen["families"] == expected

@@ -196,6 +196,28 @@ def test_scan_finds_a_planted_stripe_signal(planted):
         assert torch.corrcoef(torch.stack([stripe - stripe.mean(), wave]))[0, 1] > 0.8
 
 
+def test_recheck_averages_the_closest_candidates_and_can_change_the_target():
+    """A first run whose smallest mask (class a, 1 px) is a fluke the restarts do not reproduce: the recheck
+    averages the three smallest classes' sizes over the runs and moves the target to the planted class."""
+    import statistics
+    clip, few, held, text = _stand_in(2)
+    cfg = targeted.TargetedConfig(steps=40, recheck_top=3, recheck_seeds=2, strengthen_steps=5)
+    first_sizes = {"a": 1.0, "b": 900.0, "c": 20.0, "d": 800.0}
+    first = {"target": "a", "target_index": 0, "anomaly_index": 9.0, "target_share": 0.0, "log_gap": 6.0,
+             "mask_size": 1.0, "trigger_size": 1.0, "sizes": first_sizes, "seconds": 1.0}
+    trigger = (torch.zeros(1, 32, 32), torch.zeros(3, 32, 32))
+    clean_pred = predict(clip, held.images, text)
+    assert det.recheck_mask(clip, few, text, targeted.TargetedConfig(recheck_top=0), held, clean_pred, first,
+                            trigger) == (first, trigger)
+    ev, (m, p) = det.recheck_mask(clip, few, text, cfg, held, clean_pred, first, trigger)
+    assert set(ev["restart_sizes"]) == {"a", "c", "d"} and all(len(v) == 2 for v in ev["restart_sizes"].values())
+    for c in ("a", "c", "d"):
+        assert ev["sizes"][c] == pytest.approx(statistics.fmean([first_sizes[c], *ev["restart_sizes"][c]]))
+    assert ev["sizes"]["b"] == 900.0 and ev["first_run"] == {"target": "a", "sizes": first_sizes}
+    assert (ev["target"], ev["target_index"]) == ("c", 2) and ev["mask_size"] == ev["sizes"]["c"]
+    assert ev["target_share"] > 0.9 and m.shape == (1, 32, 32) and m.sum() > 0   # the restart's trigger works
+
+
 def test_stripe_inversion_gradients_do_not_depend_on_the_chunking():
     clip, few, _, text = _stand_in(2, StripeBackdoor)
     whole, h1 = stripes.invert_stripes(clip, few.images, text, stripes.StripeConfig(steps=5, batch=32, chunk=4096))
@@ -255,6 +277,7 @@ def test_scan_writes_json_and_png_atomically(tmp_path, monkeypatch, small_data):
     (["--shots", "100000"], "fewer than --shots"),
     (["--steps", "0"], "at least 1"),
     (["--stripe-steps", "-1"], "0 \\(skip\\) or more"),
+    (["--recheck", "-2"], "0 \\(one inversion run\\) or more"),
 ])
 def test_bad_input_raises_user_error_and_writes_nothing(tmp_path, small_data, args, message):
     out = tmp_path / "out"

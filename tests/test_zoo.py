@@ -128,6 +128,32 @@ def test_cached_settings_stay_valid_when_only_a_new_field_appears():
     assert not bench_zoo._same(stored, {"mask": {"lr": 0.1}})              # a field gone is a change
 
 
+def test_a_scan_cached_before_the_recheck_is_rechecked_not_rescanned():
+    import json
+    now = bench_zoo.inversion_settings(bench_zoo.detect_config(False))
+    before = json.loads(json.dumps(now))
+    for key in ("recheck_top", "recheck_seeds"):
+        del before["mask"][key]
+    old_cell = {"inversion": before, "mask": {"sizes": {}}}
+    assert bench_zoo.needs_recheck(old_cell, False)
+    assert not bench_zoo.needs_recheck({"inversion": now, "mask": {"sizes": {}, "first_run": {}}}, False)
+    moved = json.loads(json.dumps(before))
+    moved["mask"]["steps"] += 1        # another inversion: the first run itself is out of date, scan again
+    assert not bench_zoo.needs_recheck({"inversion": moved, "mask": {"sizes": {}}}, False)
+    # a repair's config differs only by the recheck: the same repair (its scan cell decides)
+    cfg = json.loads(json.dumps(bench_zoo.defense_config("repair", False, 0).as_dict()))
+    old_cfg = json.loads(json.dumps(cfg))
+    del old_cfg["detect"]["mask"]["recheck_top"]
+    assert bench_zoo._same(bench_zoo._without_cuts(old_cfg), bench_zoo._without_cuts(cfg))
+    # also_mask changes only a repair flagged by another family than the mask
+    cached = {"config": old_cfg}
+    also = {"also_mask": True}
+    assert not bench_zoo.stale_defense("repair", cached, False, 0, also, flagged_by="mask")
+    assert not bench_zoo.stale_defense("repair", cached, False, 0, also, flagged_by=None)
+    assert bench_zoo.stale_defense("repair", cached, False, 0, also, flagged_by="stripes")
+    assert bench_zoo.stale_defense("repair", cached, False, 0, also)
+
+
 def test_sweep_configs_split_on_commas_outside_json_values():
     from bench.zoo_sweep import parse_config
     assert parse_config('b:extra=["blend","mask"],adv_steps=3') == ("b", ['extra=["blend","mask"]', "adv_steps=3"])

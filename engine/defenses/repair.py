@@ -43,9 +43,13 @@ class RepairConfig:
     adversarial_stripes: bool = True    # stripe triggers too (the pattern re-optimised within the stripes' eps)
     # more stand-ins beside the flagged trigger, each inverted towards the suspected target on the shots
     # (extra_steps) and then adversarial like it: "blend" (a global pattern at blend_alpha, the family a
-    # small mask stands in for worst), "bounded" (a global additive pattern, |d| <= bounded_eps), "mask";
+    # small mask stands in for worst), "bounded" (a global additive pattern, |d| <= bounded_eps), "warp" (a smooth
+    # warp of at most detect.mask.warp_pixels), "mask";
     # the flagged family's own name adds a restart of it (another seed); the terms are averaged
     extra: tuple = ()
+    also_mask: bool = True       # a model flagged by stripes or a warp: the mask stand-in towards the same target
+                                 # too (what repairs most backdoors of every family when the mask flags them;
+                                 # chosen on dev: bench/results/sweeps/repair_dev_stripes.md)
     extra_steps: int = 100
     blend_alpha: float = 0.2
     bounded_eps: float = 0.1
@@ -82,7 +86,7 @@ class AdversarialTrigger:
     """A trigger that keeps adapting to the prompts being tuned: before each prompt step, adv_steps Adam
     steps on its parameters towards CE(prompted logits, k) (+ adv_lam * its size, a mask's sum(m)), so the
     prompts must defeat every trigger near the inverted one, not just the one the inversion happened to
-    find. `fam`: one class's trigger parameters (a targeted.MaskFamily, BlendFamily or BoundedFamily)."""
+    find. `fam`: one class's trigger parameters (a targeted family with K = 1: mask, blend, bounded, warp)."""
 
     def __init__(self, k, text, cfg, fam):
         self.fam = fam
@@ -91,7 +95,7 @@ class AdversarialTrigger:
 
     def step(self, clip, prompts, x, backend):
         for _ in range(self.steps):
-            z = prompted_vit.forward(clip.visual, prompts, clip.normalise(self.fam.apply(x)[0]), backend)["feature"]
+            z = prompted_vit.forward(clip.visual, prompts, clip.normalise(self.fam.apply(x[None])[0]), backend)["feature"]
             logits = LOGIT_SCALE * F.normalize(z.float(), dim=-1) @ self.text.t()
             loss = F.cross_entropy(logits, torch.full((len(x),), self.k, device=x.device)) + self.lam * self.fam.size().sum()
             self.opt.zero_grad(set_to_none=True)
@@ -100,7 +104,7 @@ class AdversarialTrigger:
 
     def __call__(self, x):
         with torch.no_grad():
-            return self.fam.apply(x)[0]
+            return self.fam.apply(x[None])[0]   # one class's trigger on a (1, B, ...) batch
 
 
 def tune_prompts(clip, images, triggers, cfg, backend="shared", progress=True, neutral=None, unlabelled=None,
@@ -186,10 +190,11 @@ def tune(clip, train, text, cfg, backend="shared", progress=True, log=None, dete
         trigger = AdversarialTrigger(found["suspected_target"], text.to(clip.device), cfg, targeted.BoundedFamily(
             1, train.images.shape[-1], stripe, None, clip.device, init=(found["stripe_pattern"][None],)))
     # an extra of the flagged family is a restart: the same family inverted again from another seed
+    families = list(cfg.extra) + (["mask"] if cfg.also_mask and found["flagged_by"] not in (None, "mask") else [])
     extras = [AdversarialTrigger(found["suspected_target"], text.to(clip.device), cfg,
                                  _stand_in(family, clip, train, text, found, cfg, progress,
                                            restart=i + 1 if family == (found["flagged_by"] or "mask") else 0))
-              for i, family in enumerate(cfg.extra)]
+              for i, family in enumerate(families)]
     prompts, history = tune_prompts(clip, train.images, [trigger, *extras], cfg, backend, progress, neutral, unlabelled,
                                     focus=(text.to(clip.device), found["suspected_target"]))
     if isinstance(trigger, AdversarialTrigger) and found["flagged_by"] in (None, "mask"):
@@ -207,19 +212,20 @@ def _mask_family(m, p, moving_mask=True):
 
 
 def _stand_in(family, clip, train, text, found, cfg, progress, restart=0):
-    """One class's trigger of `family` ("blend", "bounded" or "mask") towards the suspected target, inverted on the
+    """One class's trigger of `family` ("blend", "bounded", "warp" or "mask") towards the suspected target, inverted on the
     shots against the frozen model, as the parameters an AdversarialTrigger keeps adapting. `restart` > 0:
     inverted from the seed that many past the detector's (another start, another trigger)."""
     k = found["suspected_target"]
     if family == "mask" and found["mask"]["target_index"] == k and not restart:   # the detector's own inversion
         m, p = (t.to(clip.device) for t in found["mask_trigger"])
         return _mask_family(m, p, cfg.adv_mask)
-    if family not in ("mask", "blend", "bounded"):
-        raise UserError(f"repair extra trigger family '{family}': use mask, blend or bounded")
+    if family not in ("mask", "blend", "bounded", "warp"):
+        raise UserError(f"repair extra trigger family '{family}': use mask, blend, bounded or warp")
     inv = replace(cfg.detect.mask, blend_alpha=cfg.blend_alpha, bounded_eps=cfg.bounded_eps,
                   seed=cfg.detect.mask.seed + restart)
     result, _, _ = targeted.invert(clip, train.images, train.labels, text, inv, classes=[k], family=family,
                                    steps=cfg.extra_steps, progress=progress)
     if family == "mask":
         return _mask_family(result[0][0].to(clip.device), result[1][0].to(clip.device), cfg.adv_mask)
-    return targeted.FAMILIES[family](1, train.images.shape[-1], inv, None, clip.device, init=(result[0].to(clip.device),))
+    return targeted.FAMILIES[family](1, train.images.shape[-1], inv, None, clip.device,
+                                     init=tuple(t if t is None else t.to(clip.device) for t in result))

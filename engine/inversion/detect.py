@@ -11,9 +11,10 @@ every class, each followed by an outlier test over the classes:
 
 Used by engine.scan (probe = held-out clean images) and the repair defense (probe = the shots). The
 thresholds are chosen on the zoo's dev split (bench/zoo.py --split dev); see DetectConfig."""
+import math
 import statistics
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import torch
 
@@ -73,18 +74,61 @@ def anomaly_index(shares, k, floor=MAD_FLOOR):
 
 
 def mask_evidence(clip, few, text, cfg, probe, clean_pred, progress=False):
+    """One mask inversion over every class (the smallest mask's class, its anomaly and its strengthened
+    trigger), then recheck_mask on its closest candidates."""
     t0 = time.time()
     (masks, patterns), sizes, _ = targeted.invert(clip, few.images, few.labels, text, cfg, progress=progress)
     k, anomaly = targeted.log_outlier(sizes)
-    m, p, trigger_size = masks[k], patterns[k], sizes[k]
-    if cfg.strengthen_steps:
-        m, p, trigger_size = targeted.refine(clip, few.images, few.labels, text, k, m, p, cfg, lam_factor=1.0,
-                                             steps=cfg.strengthen_steps)
+    m, p, trigger_size = _strengthen(clip, few, text, cfg, k, masks[k], patterns[k])
+    first = {"target": few.classes[k], "target_index": k, "anomaly_index": anomaly,
+             "target_share": _mask_share(clip, probe, text, clean_pred, k, m, p),
+             "log_gap": targeted.log_gap(sizes, k), "mask_size": sizes[k], "trigger_size": trigger_size,
+             "sizes": dict(zip(few.classes, sizes)), "seconds": round(time.time() - t0, 2)}
+    return recheck_mask(clip, few, text, cfg, probe, clean_pred, first, (m, p), progress)
+
+
+def recheck_mask(clip, few, text, cfg, probe, clean_pred, first, trigger, progress=False):
+    """`first`: one inversion run's evidence (mask_evidence's format), `trigger` its (m, p). The
+    cfg.recheck_top classes with the smallest masks are inverted again from cfg.recheck_seeds other seeds
+    (one batch); their sizes become the mean over the runs: one run's smallest mask is biased low, and
+    its ranking of near classes is seed noise (on dev the same class's mask varied by 10-30% between
+    seeds). The target is the candidate with the smallest mean; a changed target takes its smallest
+    restart's trigger, strengthened. Returns (evidence, (m, p)); recheck_top 0 returns `first` as it is."""
+    if not cfg.recheck_top or not cfg.recheck_seeds:
+        return first, trigger
+    t0 = time.time()
+    sizes = [first["sizes"][c] for c in few.classes]
+    top = sorted(range(len(sizes)), key=sizes.__getitem__)[:cfg.recheck_top]
+    again = replace(cfg, seed=cfg.seed + 1)
+    (masks, patterns), restart_sizes, _ = targeted.invert(clip, few.images, few.labels, text, again,
+                                                          classes=top * cfg.recheck_seeds, progress=progress)
+    runs = {c: [sizes[c]] + restart_sizes[i::len(top)] for i, c in enumerate(top)}
+    for c in top:
+        sizes[c] = statistics.fmean(runs[c])
+    k = min(top, key=sizes.__getitem__)
+    ev = {**first, "target": few.classes[k], "target_index": k, "anomaly_index": targeted.anomaly_low(
+        [math.log(max(v, 1e-6)) for v in sizes], k), "log_gap": targeted.log_gap(sizes, k), "mask_size": sizes[k],
+        "sizes": dict(zip(few.classes, sizes)), "first_run": {"target": first["target"], "sizes": first["sizes"]},
+        "restart_sizes": {few.classes[c]: runs[c][1:] for c in top}}
+    if k != first["target_index"]:
+        best = min((i for i, c in enumerate(top * cfg.recheck_seeds) if c == k), key=restart_sizes.__getitem__)
+        m, p, ev["trigger_size"] = _strengthen(clip, few, text, cfg, k, masks[best], patterns[best])
+        ev["target_share"] = _mask_share(clip, probe, text, clean_pred, k, m, p)
+        trigger = (m, p)
+    ev["seconds"] = round(first["seconds"] + time.time() - t0, 2)
+    return ev, trigger
+
+
+def _strengthen(clip, few, text, cfg, k, m, p):
+    if not cfg.strengthen_steps:
+        return m, p, float(m.sum())
+    return targeted.refine(clip, few.images, few.labels, text, k, m, p, cfg, lam_factor=1.0,
+                           steps=cfg.strengthen_steps)
+
+
+def _mask_share(clip, probe, text, clean_pred, k, m, p):
     trig = predict(clip, probe.images, text, transform=lambda x: targeted.stamp(x, m.to(x), p.to(x)))
-    share = flip_shares(probe.labels, clean_pred, trig, len(few.classes))[k]
-    return {"target": few.classes[k], "target_index": k, "anomaly_index": anomaly, "target_share": share,
-            "log_gap": targeted.log_gap(sizes, k), "mask_size": sizes[k], "trigger_size": trigger_size,
-            "sizes": dict(zip(few.classes, sizes)), "seconds": round(time.time() - t0, 2)}, (m, p)
+    return flip_shares(probe.labels, clean_pred, trig, len(text))[k]
 
 
 def stripe_evidence(clip, few, text, cfg, probe, clean_pred, progress=False):

@@ -33,6 +33,8 @@ class TargetedConfig:
     lam_factor: float = 1.2    # adaptive: lam *= / /= this per step
     strengthen_steps: int = 50  # the suspected target's trigger: continue at the starting lam (the smallest mask
                                 # that works is barely working; the repair needs one that does)
+    recheck_top: int = 3        # the detector's mask test: the classes with the smallest masks are inverted again ...
+    recheck_seeds: int = 2      # ... from this many other seeds, their sizes averaged (one run's ranking is noisy)
     mask_init: float = -3.0    # logit: m = sigmoid(-3) = 0.047 everywhere
     lr_additive: float = 0.01  # Adam on the additive perturbation
     lam_additive: float = 1.0  # weight of ||d||_2 against the CE towards k
@@ -97,12 +99,14 @@ class AdditiveFamily:
 class WarpFamily:
     """x' = x resampled along identity + d, d a smooth field (K, 2, g, g) upsampled bicubically, each
     shift at most `warp_pixels` px (tanh). No size penalty: every class gets the same budget, and the
-    outlier test is on how many images each class's warp flips (engine.inversion.detect)."""
+    outlier test is on how many images each class's warp flips (engine.inversion.detect). `init`: (grids,
+    z) as result() gives them, to continue from z."""
     name = "warp"
 
     def __init__(self, K, s, cfg, g, dev, init=None):
         self.s, self.bound = s, 2 * cfg.warp_pixels / s   # grid units: [-1, 1] spans the image
-        self.z = (torch.randn(K, 2, cfg.warp_grid, cfg.warp_grid, generator=g) * 0.1).to(dev).requires_grad_(True)
+        z = torch.randn(K, 2, cfg.warp_grid, cfg.warp_grid, generator=g) * 0.1 if init is None else init[1].clone()
+        self.z = z.to(dev).requires_grad_(True)
         self.params = [self.z]
 
     def grids(self):
@@ -122,7 +126,7 @@ class WarpFamily:
         return self.z.new_zeros(len(self.z))
 
     def result(self):
-        return self.grids().detach(), None
+        return self.grids().detach(), self.z.detach()
 
 
 def warp(images, grid):
@@ -188,7 +192,7 @@ def invert(clip, images, labels, text, cfg, classes=None, progress=False, encode
            lam=None, steps=None):
     """Per candidate class k (default every class), the family's trigger towards k: (its tensors, per-class
     sizes, the per-step mean losses). mask: (masks (K, 1, S, S), patterns (K, 3, S, S)); additive:
-    (deltas (K, 3, S, S), None). Each class's trigger is optimised on the shots not labelled k. `init`,
+    (deltas (K, 3, S, S), None); warp: (grids (K, S, S, 2), control shifts z (K, 2, g, g)). Each class's trigger is optimised on the shots not labelled k. `init`,
     `lam`, `steps` continue from given triggers with another penalty weight / step count (refine)."""
     n_classes = text.shape[0]
     classes = list(range(n_classes)) if classes is None else list(classes)
