@@ -98,6 +98,12 @@ def run_model(model, defenses, cache, shots, eval_limit, seed, quick, log, scan_
                 cached = recheck_scan(job, cached, tensors, quick, cache / model["name"] / "repair.json")
                 write_json(path, cached)
                 log(f"{model['name']}: scan rechecked: {cached['verdict']} ({cached['suspected_target']})")
+            if cell == "scan" and not stale(cached, quick):
+                recutted = recut(cached, quick, cache / model["name"] / "repair.json")
+                if recutted is not cached:
+                    write_json(path, recutted)
+                    log(f"{model['name']}: scan under today's cuts: {recutted['verdict']} ({recutted['suspected_target']})")
+                cached = recutted
             if cell == "scan" and (stale(cached, quick) or not (tensors.is_file() or cached_only)):
                 # inversion settings moved (or the inverted triggers were not kept): detect again, repair again
                 (cache / model["name"] / "repair.json").unlink(missing_ok=True)
@@ -173,7 +179,7 @@ def stale_defense(cell, cached, quick, seed, settings=None, flagged_by="?"):
 
 def _without_cuts(cfg, flagged_by="?"):
     """A defense config without the detector's thresholds and mask recheck: a repair whose verdict, flagging
-    family and trigger they do not change (stale() and recheck_scan() check that) is the same repair. Nor
+    family and trigger they do not change (recut() and recheck_scan() check that) is the same repair. Nor
     does `also_mask` change a repair the mask flagged (or none)."""
     if isinstance(cfg, dict) and flagged_by in (None, "mask"):
         cfg = {k: v for k, v in cfg.items() if k != "also_mask"}
@@ -232,7 +238,7 @@ def inversion_settings(cfg):
 ADDED_FIELDS = {"adv_steps": 1, "extra": [], "extra_steps": 100, "blend_alpha": 0.2, "gate": False,
                 "bounded_eps": 0.1, "clean_focus": 0.0, "adv_mask": True,
                 "w_clean_ce": 0.0, "also_mask": False,
-                "recheck_top": 0, "recheck_seeds": 2}   # no recheck (any seed count then does the same)
+                "recheck_top": 0, "recheck_seeds": 2, "keep_quantile": 0.0}   # no recheck (any seed count then does the same)
 
 
 def _same(stored, current):
@@ -246,13 +252,20 @@ def _same(stored, current):
 
 
 def stale(scan_cell, quick):
-    """True when the cached scan's evidence came from other inversion settings, or when the current
-    thresholds would give it another verdict or flagging family."""
+    """True when the cached scan's evidence came from other inversion settings."""
+    return not _same(scan_cell.get("inversion"), inversion_settings(detect_config(quick)))
+
+
+def recut(scan_cell, quick, repair_path):
+    """The cached scan under today's thresholds (decide() on its stored evidence: the inversions need not
+    run again); when the flagging family moves, the repair cell, which read the old one, is dropped."""
     from engine.inversion.detect import decide
-    if not _same(scan_cell.get("inversion"), inversion_settings(detect_config(quick))):
-        return True
-    _, _, family = decide(scan_cell["mask"], scan_cell["stripes"], detect_config(quick), scan_cell.get("warp"))
-    return family != scan_cell["flagged_by"]
+    verdict, _, family = decide(scan_cell["mask"], scan_cell["stripes"], detect_config(quick), scan_cell.get("warp"))
+    if family == scan_cell["flagged_by"]:
+        return scan_cell
+    repair_path.unlink(missing_ok=True)
+    target = scan_cell[{"stripes": "stripes", "warp": "warp"}.get(family, "mask")]["target"]
+    return {**scan_cell, "verdict": verdict, "flagged_by": family, "suspected_target": target}
 
 
 def detect_config(quick):

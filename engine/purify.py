@@ -12,6 +12,7 @@ import time
 from dataclasses import asdict, dataclass, field, replace
 from typing import Callable
 
+import torch
 import torch.nn.functional as F
 
 from . import prompted_vit
@@ -123,12 +124,12 @@ def _repair(clip, shots, text, cfg, opts):
     extra = {"detection": {"verdict": found["verdict"], "flagged_by": found["flagged_by"],
                            "suspected_target": shots.classes[found["suspected_target"]], "checks": found["checks"],
                            "mask": found["mask"], "stripes": found["stripes"], "warp": found["warp"]},
-             "repaired": res["prompts"] is not None}
+             "repaired": res["prompts"] is not None, "gate_keep": res["keep"]}
     if res["prompts"] is None:
         return Tuned("repair", {}, time.time() - t0, 0, cfg.as_dict(), [], extra=extra)
     return Tuned("repair", {}, time.time() - t0, prompted_vit.parameter_count(res["prompts"]), cfg.as_dict(),
                  res["history"], backend=opts.backend, prompts=res["prompts"], start=cfg.start, extra=extra,
-                 gate=found["suspected_target"] if cfg.gate else None)
+                 gate=found["suspected_target"] if cfg.gate else None, gate_keep=res["keep"])
 
 
 # ---------------------------------------------------------------- configs
@@ -193,19 +194,29 @@ def _encoder(prompts, backend, clip):
     return prompted_vit.encoder(clip.visual, prompts, "shared" if backend in ("naive", "torch") else backend)
 
 
-def gated(frozen, prompted, text, k):
+def gated(frozen, prompted, text, k, keep=None):
     """Features that classify as the frozen encoder's except where it predicts class k: there (and only
     there, so at a fraction of the cost) the prompted encoder's. A repaired backdoor sends triggered images
     to k under the frozen model, so the prompts still see every one of them, while the clean images the
-    frozen model puts in other classes keep its answer and cost no accuracy."""
+    frozen model puts in other classes keep its answer and cost no accuracy. `keep`: where the prompted
+    feature stays this close (cosine) to the frozen one, the frozen feature stands (keeps_frozen)."""
     def encode(x):
         z = frozen(x)
         pick = (F.normalize(z.float(), dim=-1) @ text.t().to(z.device)).argmax(1) == k
         if pick.any():
             z = z.clone()
-            z[pick] = prompted(x[pick]).to(z.dtype)
+            zp = prompted(x[pick]).to(z.dtype)
+            z[pick] = zp if keep is None else torch.where(keeps_frozen(zp, z[pick], keep)[:, None], z[pick], zp)
         return z
     return encode
+
+
+def keeps_frozen(prompted, frozen, keep):
+    """Per image: the prompts moved its feature less than `keep` allows (cos >= keep), so the frozen answer
+    stands. The clean term holds a clean image's prompted feature near its frozen one, while a triggered
+    image's moves far (to where its clean content lies): the target class's own images, which the
+    prompts would otherwise misread most, keep their class (engine.defenses.repair.keep_threshold)."""
+    return F.cosine_similarity(prompted.float(), frozen.float(), dim=-1) >= keep
 
 
 def tuned_view(tuned, clip, text, classes, templates=DEFAULT_TEMPLATES):
@@ -222,7 +233,7 @@ def tuned_view(tuned, clip, text, classes, templates=DEFAULT_TEMPLATES):
     if tuned.classifier is not None:
         text = tuned.classifier
     if tuned.prompts is not None and tuned.gate is not None:
-        encode = gated(clip.encode_image, encode, text, tuned.gate)
+        encode = gated(clip.encode_image, encode, text, tuned.gate, tuned.gate_keep)
     return clip, encode, text
 
 

@@ -3,7 +3,8 @@
 What a defense changes decides what its run keeps; every safetensors file carries the same metadata
 (model spec, classes, templates, CA/ASR before and after) as JSON strings:
 - prompts.safetensors     RVPT / VPT visual prompts (L - D, b, W); metadata 'start' = D and 'gate' = the
-                          class index whose frozen predictions the prompts re-examine (the repair), or null
+                          class index whose frozen predictions the prompts re-examine (the repair), or null;
+                          'gate_keep' = the cosine above which the frozen answer stands there (or null)
 - classifier.safetensors  a (K, E) matrix replacing the text features, logits = logit_scale * z @ C.t()
                           (CBPT / CoOp tuned class features, the linear probe's weights)
 - model.safetensors       a whole fine-tuned CLIP (CleanCLIP)
@@ -39,6 +40,7 @@ class Tuned:
     model: object = None         # a fine-tuned torch CLIP (whole-model defenses)
     trigger: tuple = None        # (mask, pattern) of an inverted trigger
     gate: int = None             # prompts apply only where the frozen model predicts this class (the repair)
+    gate_keep: float = None      # ... and only where they move the feature further than this cosine allows
     extra: dict = field(default_factory=dict)
 
 
@@ -59,7 +61,8 @@ def write(folder, tuned, meta):
     """Write the files `tuned` calls for into `folder` (engine.tune passes a temp dir, renamed later)."""
     folder = Path(folder)
     if tuned.prompts is not None:
-        save_prompts(folder / PROMPTS, tuned.prompts, {**meta, "start": tuned.start, "gate": tuned.gate})
+        save_prompts(folder / PROMPTS, tuned.prompts, {**meta, "start": tuned.start, "gate": tuned.gate,
+                                                          "gate_keep": tuned.gate_keep})
     if tuned.classifier is not None:
         extra = {} if tuned.context is None else {"context": tuned.context}
         _save(folder / CLASSIFIER, {"classifier": tuned.classifier, **extra}, meta)
@@ -104,6 +107,10 @@ class Run:
     @property
     def gate(self):
         return self.meta.get("gate") if self.prompts is not None else None
+
+    @property
+    def gate_keep(self):
+        return self.meta.get("gate_keep") if self.gate is not None else None
 
 
 def read(folder):

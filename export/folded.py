@@ -21,11 +21,13 @@ class FoldedClassifier(nn.Module):
     """Normalised images (N, 3, S, S) -> (logits (N, K), L2-normalised image features (N, E)).
     prompts=None gives the unprompted (no-defense) model through the same code path. gate=k (the repair's
     suspected target): the prompted answer only where the unprompted model predicts k, else the
-    unprompted one (engine.purify.gated); both streams run from block D on."""
+    unprompted one (engine.purify.gated); both streams run from block D on. gate_keep: there too, the
+    unprompted answer where the two features' cosine is at least this (engine.purify.keeps_frozen)."""
 
-    def __init__(self, visual, classifier, logit_scale, prompts=None, start=None, gate=None):
+    def __init__(self, visual, classifier, logit_scale, prompts=None, start=None, gate=None, gate_keep=None):
         super().__init__()
         self.gate = None if prompts is None or gate is None else int(gate)
+        self.gate_keep = None if self.gate is None or gate_keep is None else float(gate_keep)
         blocks = visual.transformer.resblocks
         self.visual = visual
         self.start = len(blocks) if prompts is None else int(start)
@@ -52,7 +54,10 @@ class FoldedClassifier(nn.Module):
         h = self._features(h, prompted=False, stop=self.start)      # the blocks both streams share
         zp, zf = self._features(h, True, self.start), self._features(h, False, self.start)
         lp, lf = zp @ self.classifier.t(), zf @ self.classifier.t()
-        pick = (lf.argmax(1) == self.gate)[:, None]
+        pick = lf.argmax(1) == self.gate
+        if self.gate_keep is not None:   # engine.purify.keeps_frozen, as ONNX can trace it
+            pick = pick & ((zp * zf).sum(-1) < self.gate_keep)   # both L2-normalised
+        pick = pick[:, None]
         return torch.where(pick, lp, lf), torch.where(pick, zp, zf)
 
     def _features(self, h, prompted, begin=0, stop=None):
@@ -83,11 +88,12 @@ class Source:
     info: dict = field(default_factory=dict)
 
 
-def build(clip, classes, templates, prompts=None, start=None, info=None, classifier=None, gate=None):
+def build(clip, classes, templates, prompts=None, start=None, info=None, classifier=None, gate=None, gate_keep=None):
     """classifier: a tuned (K, E) matrix (CBPT, linear probe); default the hand-written text features.
-    gate: the class whose unprompted predictions the prompts re-examine (a repair run's)."""
+    gate: the class whose unprompted predictions the prompts re-examine (a repair run's); gate_keep: its
+    cosine above which the unprompted answer stands."""
     text = clip.text_features(classes, templates) if classifier is None else classifier.to(clip.device)
-    module = FoldedClassifier(clip.visual, text, clip.logit_scale, prompts, start, gate).eval()
+    module = FoldedClassifier(clip.visual, text, clip.logit_scale, prompts, start, gate, gate_keep).eval()
     return Source(module, clip, list(classes), dict(info or {}))
 
 
@@ -119,5 +125,7 @@ def from_run(run_dir, model=None, checkpoint=None, pretrained=None, prompted=Tru
     if not prompted:
         return build(clip, meta["classes"], meta["templates"], info=info)
     if run.prompts is not None:
-        info.update(prompt_start=run.start, prompt_tokens=int(run.prompts.shape[1]), gate=run.gate)
-    return build(clip, meta["classes"], meta["templates"], run.prompts, run.start, info, run.classifier, run.gate)
+        info.update(prompt_start=run.start, prompt_tokens=int(run.prompts.shape[1]), gate=run.gate,
+                    gate_keep=run.gate_keep)
+    return build(clip, meta["classes"], meta["templates"], run.prompts, run.start, info, run.classifier, run.gate,
+                 run.gate_keep)

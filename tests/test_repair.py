@@ -193,6 +193,8 @@ def test_tune_cli_records_the_gate_and_export_reads_it(tmp_path):
     run = runs.read(out)
     assert run.gate == D.FASHION_CLASSES.index("bag")
     assert folded.from_run(out).module.gate == run.gate
+    assert res["gate_keep"] is not None and run.gate_keep == pytest.approx(res["gate_keep"])   # the keep cut too
+    assert folded.from_run(out).module.gate_keep == pytest.approx(run.gate_keep)
 
 
 def test_an_extra_of_the_flagged_family_is_a_restart_from_another_seed(lab):
@@ -245,3 +247,61 @@ def test_also_mask_adds_the_mask_stand_in_only_beside_another_family(lab, monkey
              "mask": {"target_index": 8}, "mask_trigger": (m0, p0), "stripe_pattern": torch.zeros(1, 1, 32)}
     repair.tune(clip, few, text, repair.RepairConfig(also_mask=also_mask), progress=False, detection=found)
     assert seen["families"] == expected
+
+
+def test_the_keep_rule_leaves_the_frozen_feature_where_the_prompts_barely_moved_it():
+    from engine.purify import gated
+    g = torch.Generator().manual_seed(5)
+    text = torch.nn.functional.normalize(torch.randn(3, 6, generator=g), dim=-1)
+    x = torch.randn(60, 6, generator=g)
+    noise = torch.randn(60, 6, generator=g)
+    scale = torch.linspace(0, 3, 60)[:, None]              # the prompts move some images far, some barely
+    frozen, prompted = (lambda v: v), (lambda v: v + scale[:len(v)] * noise[:len(v)])
+    pick = (torch.nn.functional.normalize(x, dim=-1) @ text.t()).argmax(1) == 0
+    z = gated(frozen, lambda v: prompted(x)[pick], text, 0, keep=0.9)(x)
+    cos = torch.nn.functional.cosine_similarity(prompted(x), x, dim=-1)
+    near, far = pick & (cos >= 0.9), pick & (cos < 0.9)
+    assert near.any() and far.any()
+    torch.testing.assert_close(z[near], x[near])
+    torch.testing.assert_close(z[far], prompted(x)[far])
+    torch.testing.assert_close(z[~pick], x[~pick])
+
+
+def test_folded_keep_rule_matches_the_torch_gate(lab):
+    from export.folded import FoldedClassifier
+    from engine.purify import gated
+    clip, few, text = lab
+    torch.manual_seed(0)
+    prompts = torch.randn(6, 4, 128) * 0.5
+    x = clip.normalise(few.images[:24])
+    with torch.no_grad():
+        lf, zf = FoldedClassifier(clip.visual, text, clip.logit_scale)(x)
+        lp, zp = FoldedClassifier(clip.visual, text, clip.logit_scale, prompts, 0)(x)
+        k = int(lf.argmax(1).mode().values)
+        pick = lf.argmax(1) == k
+        keep = float(torch.nn.functional.cosine_similarity(zp[pick], zf[pick]).median())   # keeps about half
+        lg, zg = FoldedClassifier(clip.visual, text, clip.logit_scale, prompts, 0, gate=k, gate_keep=keep)(x)
+        torch_z = gated(lambda v: FoldedClassifier(clip.visual, text, clip.logit_scale)(v)[1],
+                        lambda v: FoldedClassifier(clip.visual, text, clip.logit_scale, prompts, 0)(v)[1], text, k, keep)(x)
+    kept = pick & (torch.nn.functional.cosine_similarity(zp, zf) >= keep)
+    assert kept.any() and (pick & ~kept).any()
+    torch.testing.assert_close(zg, torch_z, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(lg[kept], lf[kept], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(lg[pick & ~kept], lp[pick & ~kept], rtol=1e-5, atol=1e-5)
+
+
+def test_keep_threshold_is_the_quantile_over_the_shots_the_stand_ins_send_to_k(lab):
+    import torch.nn.functional as F
+    clip, few, text = lab
+    prompts = repair.prompted_vit.VisualPrompts.for_visual(clip.visual, 0, 4, 0.5)
+    grey = lambda x: targeted.stamp(x, torch.ones(1, 32, 32), torch.full((3, 32, 32), 0.5))  # noqa: E731
+    with torch.no_grad():
+        k = int((F.normalize(clip.encode_image(clip.normalise(grey(few.images[:1]))), dim=-1) @ text.t()).argmax())
+        frozen_pred = (F.normalize(clip.encode_image(clip.normalise(few.images)), dim=-1) @ text.t()).argmax(1)
+        xt = clip.normalise(grey(few.images[frozen_pred != k]))   # every one is the same grey image: sent to k
+        cos = F.cosine_similarity(repair.prompted_vit.forward(clip.visual, prompts, xt, "shared")["feature"],
+                                  clip.encode_image(xt), dim=-1)
+    got = repair.keep_threshold(clip, prompts, "shared", few.images, [grey], text, k, 0.3)
+    assert got == pytest.approx(torch.quantile(cos, 0.3).item(), abs=1e-5)
+    identity = lambda x: x  # noqa: E731 (sends nothing to k that the frozen model did not already put there)
+    assert repair.keep_threshold(clip, prompts, "shared", few.images, [identity], text, k, 0.3) is None

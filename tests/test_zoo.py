@@ -146,12 +146,27 @@ def test_a_scan_cached_before_the_recheck_is_rechecked_not_rescanned():
     del old_cfg["detect"]["mask"]["recheck_top"]
     assert bench_zoo._same(bench_zoo._without_cuts(old_cfg), bench_zoo._without_cuts(cfg))
     # also_mask changes only a repair flagged by another family than the mask
-    cached = {"config": old_cfg}
+    cached = {"config": {**old_cfg, "also_mask": False}}
     also = {"also_mask": True}
     assert not bench_zoo.stale_defense("repair", cached, False, 0, also, flagged_by="mask")
     assert not bench_zoo.stale_defense("repair", cached, False, 0, also, flagged_by=None)
     assert bench_zoo.stale_defense("repair", cached, False, 0, also, flagged_by="stripes")
     assert bench_zoo.stale_defense("repair", cached, False, 0, also)
+
+
+def test_a_scan_under_moved_cuts_is_decided_again_from_its_evidence(tmp_path):
+    cuts = bench_zoo.detect_config(False)
+    mask = {"target": "bag", "anomaly_index": cuts.min_mask_anomaly + 1, "log_gap": cuts.min_mask_gap - 0.05}
+    stripes = {"target": "coat", "target_share": 0.0, "anomaly_index": 0.0}
+    cell = {"verdict": "backdoored", "flagged_by": "mask", "suspected_target": "bag", "mask": mask,
+            "stripes": stripes, "warp": None}
+    repair = tmp_path / "repair.json"
+    repair.write_text("{}")
+    again = bench_zoo.recut(cell, False, repair)          # the gap now misses the cut: read clean
+    assert (again["verdict"], again["flagged_by"], again["suspected_target"]) == ("clean", None, "bag")
+    assert not repair.exists()
+    repair.write_text("{}")
+    assert bench_zoo.recut(again, False, repair) is again and repair.exists()   # unchanged: the repair stays
 
 
 def test_sweep_configs_split_on_commas_outside_json_values():

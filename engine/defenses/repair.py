@@ -9,7 +9,9 @@ p = prompted encoder, f = the frozen one, T = the inverted trigger of the family
 (engine.inversion.detect: a stamped mask + pattern, stripes or a warp). When the detector reads the model clean,
 nothing is tuned unless `always` (then T is the mask inversion's trigger): a clean model costs nothing.
 With `gate` (default) the repaired model uses the prompts only on images the frozen model puts in the
-suspected target class (engine.purify.gated): the triggered images all land there, most clean ones do not."""
+suspected target class (engine.purify.gated): the triggered images all land there, most clean ones do not;
+and there, only where they move the feature as far as they move all but a few stand-in-triggered shots
+(keep_threshold): the target class's own images, which they would misread most, keep the frozen answer."""
 import math
 from dataclasses import asdict, dataclass, field, replace
 
@@ -30,6 +32,9 @@ class RepairConfig:
     always: bool = False         # repair even when the detector reads the model clean
     gate: bool = True            # the prompts answer only where the frozen model predicts the suspected target
                                  # (engine.purify.gated; chosen on dev: bench/results/sweeps/repair_dev.md)
+    keep_quantile: float = 0.95  # gate: where the prompts move a feature less than they move this share of the
+                                 # shots the final stand-in triggers send to k, the frozen answer stands
+                                 # (keep_threshold; 0: off; chosen on dev: bench/results/sweeps/repair_dev15.md)
     refine_steps: int = 0        # tighten a mask trigger alone with a larger mask penalty before the repair
     refine_lam_factor: float = 4.0
     occluded_target: bool = False  # stamped triggers: distil T(x) towards f(x with the region noise-filled)
@@ -166,11 +171,12 @@ def tune_prompts(clip, images, triggers, cfg, backend="shared", progress=True, n
 
 
 def tune(clip, train, text, cfg, backend="shared", progress=True, log=None, detection=None, unlabelled=None):
-    """Returns {'prompts' (None if nothing was tuned), 'detection' (engine.inversion.detect's), 'history'}.
+    """Returns {'prompts' (None if nothing was tuned), 'detection' (engine.inversion.detect's), 'history',
+    'keep' (the gate's keep cosine, keep_threshold's; None when off)}.
     `detection`: detect()'s result on these shots with cfg.detect, if already computed (engine.scan's)."""
     found = detection or det.detect(clip, train, text, cfg.detect, progress=progress, log=log)
     if found["verdict"] == "clean" and not cfg.always:
-        return {"prompts": None, "detection": found, "history": []}
+        return {"prompts": None, "detection": found, "history": [], "keep": None}
     trigger, neutral = found["trigger"], None
     if found["flagged_by"] in (None, "mask"):   # stripes / warp: their own inverted trigger, as found
         m, p = found["mask_trigger"]
@@ -199,7 +205,32 @@ def tune(clip, train, text, cfg, backend="shared", progress=True, log=None, dete
                                     focus=(text.to(clip.device), found["suspected_target"]))
     if isinstance(trigger, AdversarialTrigger) and found["flagged_by"] in (None, "mask"):
         found["adversarial_mask_size"] = trigger.fam.size().item()
-    return {"prompts": prompts, "detection": found, "history": history}
+    keep = keep_threshold(clip, prompts, backend, train.images, [trigger, *extras], text, found["suspected_target"],
+                          cfg.keep_quantile) if cfg.gate and cfg.keep_quantile else None
+    return {"prompts": prompts, "detection": found, "history": history, "keep": keep}
+
+
+def keep_threshold(clip, prompts, backend, images, triggers, text, k, quantile):
+    """The gate's keep cosine (engine.purify.keeps_frozen): the `quantile` of cos(prompted, frozen feature)
+    over the shots that the final (adversarially trained) stand-in triggers send to k under the frozen
+    model. Where the prompts move a k-predicted image's feature less than that, it is more likely one of
+    the target class's own images than a triggered one (the prompts move a triggered image towards its clean
+    content), and the frozen answer stands; `quantile` bounds the share of stand-in-triggered shots kept.
+    None when no stand-in reaches k."""
+    device = clip.device
+    text = text.to(device)
+    with torch.no_grad():
+        x = images.to(device)
+        x = x[(F.normalize(clip.encode_image(clip.normalise(x)).float(), dim=-1) @ text.t()).argmax(1) != k]
+        cos = []
+        for t in triggers:
+            xt = clip.normalise(t(x))
+            zf = clip.encode_image(xt)
+            hit = (F.normalize(zf.float(), dim=-1) @ text.t()).argmax(1) == k
+            if hit.any():
+                zp = prompted_vit.forward(clip.visual, prompts, xt[hit], backend)["feature"]
+                cos.append(F.cosine_similarity(zp.float(), zf[hit].float(), dim=-1))
+    return torch.quantile(torch.cat(cos), quantile).item() if cos else None
 
 
 def _mask_family(m, p, moving_mask=True):

@@ -36,8 +36,10 @@ class DetectConfig:
     # Cuts chosen on the zoo's dev split (bench/results/zoo_dev.json holds the evidence), measured on the
     # shots, from the controls only (what a defender can build: clean fine-tunes): each sits a margin above
     # the dev controls' largest value, so a smaller backdoor than dev's strongest still passes it. Weak
-    # backdoors (20-80% ASR) are not controls: flagging one is right.
-    min_mask_gap: float = 0.5           # log(median other class's mask / smallest mask) ...
+    # backdoors (20-80% ASR) are not controls: flagging one is right. The mask gap cut followed the
+    # recheck (targeted.TargetedConfig.recheck_top): the controls' largest gap fell from 0.39 to 0.14, and
+    # the cut keeps its margin above it (0.5 -> 0.25); the anomaly cut already sat above every control.
+    min_mask_gap: float = 0.25          # log(median other class's mask / smallest mask) ...
     min_mask_anomaly: float = 2.0       # ... and that smallest mask this many MADs below the others' (log sizes)
     min_stripe_share: float = 0.55
     min_stripe_anomaly: float = 2.0
