@@ -12,6 +12,7 @@ prompts.safetensors, classifier.safetensors or model.safetensors) to --out. Noth
 --out unless the whole run succeeds.
 """
 import argparse
+import dataclasses
 import sys
 import time
 from datetime import datetime
@@ -74,6 +75,9 @@ def parse_args(argv=None):
     t.add_argument("--no-augment", dest="augment", action="store_false", help="tune on the few shots as they are")
     t.add_argument("--prompt-tokens", type=int, default=None, help="b, prompt tokens per block")
     t.add_argument("--prompt-start", type=int, default=None, help="D, unprompted leading blocks")
+    t.add_argument("--keep-quantile", type=float, default=None,
+                   help="repair: the gate's keep rule, a quantile in [0, 1) (0: off; default "
+                        "engine.defenses.repair.RepairConfig's)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", help="cpu, cuda or auto")
     p.add_argument("--precision", default="fp32", choices=P.CHOICES,
@@ -95,9 +99,10 @@ def shots_accuracy(job, tuned=None):
 
 def defense_config(args):
     """The --defense's config from the flags (engine.purify.config; flags left unset keep its defaults)."""
-    return purify.config(args.defense, args.model, epochs=args.epochs, lr=args.lr, batch=args.batch, seed=args.seed,
-                         augment=args.augment, alpha=args.alpha, margin=args.margin, tokens=args.prompt_tokens,
-                         start=args.prompt_start)
+    cfg = purify.config(args.defense, args.model, epochs=args.epochs, lr=args.lr, batch=args.batch, seed=args.seed,
+                        augment=args.augment, alpha=args.alpha, margin=args.margin, tokens=args.prompt_tokens,
+                        start=args.prompt_start)
+    return cfg if args.keep_quantile is None else dataclasses.replace(cfg, keep_quantile=args.keep_quantile)
 
 
 # Tuning fits the few shots, so their CA should not fall far below zero-shot; when it does, the tuning
@@ -168,6 +173,10 @@ def check_args(args):
             raise UserError(f"--{flag.replace('_', '-')} must be at least 1, not {value}")
     if args.lr is not None and not args.lr > 0:
         raise UserError(f"--lr must be positive, not {args.lr}")
+    if args.keep_quantile is not None and args.defense != "repair":
+        raise UserError(f"--keep-quantile is the repair's gate rule; --defense {args.defense} has no gate")
+    if args.keep_quantile is not None and not 0 <= args.keep_quantile < 1:
+        raise UserError(f"--keep-quantile must be in [0, 1) (0: off), not {args.keep_quantile}")
     P.resolve(args.precision, resolve_device(args.device))
     if args.out:
         if occupied(args.out):

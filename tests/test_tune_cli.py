@@ -134,6 +134,8 @@ def cli_error(capsys, argv):
     (["--epochs", "0"], "--epochs must be at least 1"),
     (["--shots", "0"], "--shots must be at least 1"),
     (["--lr", "0"], "--lr must be positive"),
+    (["--keep-quantile", "1", "--defense", "repair"], "must be in [0, 1)"),
+    (["--keep-quantile", "0.9", "--defense", "rvpt"], "has no gate"),
     (["--device", "tpu9"], "--device tpu9 is not a device"),
     (["--device", "meta"], "only cpu, cuda"),
 ])
