@@ -98,13 +98,15 @@ def run_model(model, defenses, cache, shots, eval_limit, seed, quick, log, scan_
                 cached = recheck_scan(job, cached, tensors, quick, cache / model["name"] / "repair.json")
                 write_json(path, cached)
                 log(f"{model['name']}: scan rechecked: {cached['verdict']} ({cached['suspected_target']})")
-            if cell == "scan" and not stale(cached, quick):
+            moved = cell == "scan" and stale(cached, quick)
+            if cell == "scan" and not moved:
                 recutted = recut(cached, quick, cache / model["name"] / "repair.json")
                 if recutted is not cached:
                     write_json(path, recutted)
-                    log(f"{model['name']}: scan under today's cuts: {recutted['verdict']} ({recutted['suspected_target']})")
+                    log(f"{model['name']}: scan under today's cuts: {recutted['verdict']} "
+                        f"({recutted['suspected_target']})")
                 cached = recutted
-            if cell == "scan" and (stale(cached, quick) or not (tensors.is_file() or cached_only)):
+            if cell == "scan" and (moved or not (tensors.is_file() or cached_only)):
                 # inversion settings moved (or the inverted triggers were not kept): detect again, repair again
                 (cache / model["name"] / "repair.json").unlink(missing_ok=True)
             elif cell not in ("none", "scan") and stale_defense(cell, cached, quick, seed, settings,
@@ -237,8 +239,8 @@ def inversion_settings(cfg):
 # field existed: a cached cell without the field ran with that value (not with today's default).
 ADDED_FIELDS = {"adv_steps": 1, "extra": [], "extra_steps": 100, "blend_alpha": 0.2, "gate": False,
                 "bounded_eps": 0.1, "clean_focus": 0.0, "adv_mask": True,
-                "w_clean_ce": 0.0, "also_mask": False,
-                "recheck_top": 0, "recheck_seeds": 2, "keep_quantile": 0.0}   # no recheck (any seed count then does the same)
+                "w_clean_ce": 0.0, "also_mask": False, "keep_quantile": 0.0,
+                "recheck_top": 0, "recheck_seeds": 2}   # no recheck (any seed count then does the same)
 
 
 def _same(stored, current):

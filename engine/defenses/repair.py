@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 from .. import distributed, prompted_vit
 from ..errors import UserError
+from ..evaluate import predict
 from ..augment import augment
 from ..inversion import detect as det
 from ..inversion import LOGIT_SCALE, targeted
@@ -48,8 +49,8 @@ class RepairConfig:
     adversarial_stripes: bool = True    # stripe triggers too (the pattern re-optimised within the stripes' eps)
     # more stand-ins beside the flagged trigger, each inverted towards the suspected target on the shots
     # (extra_steps) and then adversarial like it: "blend" (a global pattern at blend_alpha, the family a
-    # small mask stands in for worst), "bounded" (a global additive pattern, |d| <= bounded_eps), "warp" (a smooth
-    # warp of at most detect.mask.warp_pixels), "mask";
+    # small mask stands in for worst), "bounded" (a global additive pattern, |d| <= bounded_eps), "warp"
+    # (a smooth warp of at most detect.mask.warp_pixels), "mask";
     # the flagged family's own name adds a restart of it (another seed); the terms are averaged
     extra: tuple = ()
     also_mask: bool = True       # a model flagged by stripes or a warp: the mask stand-in towards the same target
@@ -201,11 +202,12 @@ def tune(clip, train, text, cfg, backend="shared", progress=True, log=None, dete
                                  _stand_in(family, clip, train, text, found, cfg, progress,
                                            restart=i + 1 if family == (found["flagged_by"] or "mask") else 0))
               for i, family in enumerate(families)]
-    prompts, history = tune_prompts(clip, train.images, [trigger, *extras], cfg, backend, progress, neutral, unlabelled,
+    triggers = [trigger, *extras]
+    prompts, history = tune_prompts(clip, train.images, triggers, cfg, backend, progress, neutral, unlabelled,
                                     focus=(text.to(clip.device), found["suspected_target"]))
     if isinstance(trigger, AdversarialTrigger) and found["flagged_by"] in (None, "mask"):
         found["adversarial_mask_size"] = trigger.fam.size().item()
-    keep = keep_threshold(clip, prompts, backend, train.images, [trigger, *extras], text, found["suspected_target"],
+    keep = keep_threshold(clip, prompts, backend, train.images, triggers, text, found["suspected_target"],
                           cfg.keep_quantile) if cfg.gate and cfg.keep_quantile else None
     return {"prompts": prompts, "detection": found, "history": history, "keep": keep}
 
@@ -217,11 +219,9 @@ def keep_threshold(clip, prompts, backend, images, triggers, text, k, quantile):
     the target class's own images than a triggered one (the prompts move a triggered image towards its clean
     content), and the frozen answer stands; `quantile` bounds the share of stand-in-triggered shots kept.
     None when no stand-in reaches k."""
-    device = clip.device
-    text = text.to(device)
+    text = text.to(clip.device)
+    x = images[predict(clip, images, text) != k].to(clip.device)   # the shots the frozen model puts elsewhere
     with torch.no_grad():
-        x = images.to(device)
-        x = x[(F.normalize(clip.encode_image(clip.normalise(x)).float(), dim=-1) @ text.t()).argmax(1) != k]
         cos = []
         for t in triggers:
             xt = clip.normalise(t(x))
@@ -243,9 +243,9 @@ def _mask_family(m, p, moving_mask=True):
 
 
 def _stand_in(family, clip, train, text, found, cfg, progress, restart=0):
-    """One class's trigger of `family` ("blend", "bounded", "warp" or "mask") towards the suspected target, inverted on the
-    shots against the frozen model, as the parameters an AdversarialTrigger keeps adapting. `restart` > 0:
-    inverted from the seed that many past the detector's (another start, another trigger)."""
+    """One class's trigger of `family` ("blend", "bounded", "warp" or "mask") towards the suspected target,
+    inverted on the shots against the frozen model, as the parameters an AdversarialTrigger keeps adapting.
+    `restart` > 0: inverted from the seed that many past the detector's (another start, another trigger)."""
     k = found["suspected_target"]
     if family == "mask" and found["mask"]["target_index"] == k and not restart:   # the detector's own inversion
         m, p = (t.to(clip.device) for t in found["mask_trigger"])

@@ -102,8 +102,9 @@ def recheck_mask(clip, few, text, cfg, probe, clean_pred, first, trigger, progre
     sizes = [first["sizes"][c] for c in few.classes]
     top = sorted(range(len(sizes)), key=sizes.__getitem__)[:cfg.recheck_top]
     again = replace(cfg, seed=cfg.seed + 1)
-    (masks, patterns), restart_sizes, _ = targeted.invert(clip, few.images, few.labels, text, again,
-                                                          classes=top * cfg.recheck_seeds, progress=progress)
+    rows = top * cfg.recheck_seeds   # every candidate once per seed, all in one batch
+    (masks, patterns), restart_sizes, _ = targeted.invert(clip, few.images, few.labels, text, again, classes=rows,
+                                                          progress=progress)
     runs = {c: [sizes[c]] + restart_sizes[i::len(top)] for i, c in enumerate(top)}
     for c in top:
         sizes[c] = statistics.fmean(runs[c])
@@ -113,7 +114,7 @@ def recheck_mask(clip, few, text, cfg, probe, clean_pred, first, trigger, progre
         "sizes": dict(zip(few.classes, sizes)), "first_run": {"target": first["target"], "sizes": first["sizes"]},
         "restart_sizes": {few.classes[c]: runs[c][1:] for c in top}}
     if k != first["target_index"]:
-        best = min((i for i, c in enumerate(top * cfg.recheck_seeds) if c == k), key=restart_sizes.__getitem__)
+        best = min((i for i, c in enumerate(rows) if c == k), key=restart_sizes.__getitem__)
         m, p, ev["trigger_size"] = _strengthen(clip, few, text, cfg, k, masks[best], patterns[best])
         ev["target_share"] = _mask_share(clip, probe, text, clean_pred, k, m, p)
         trigger = (m, p)

@@ -192,8 +192,9 @@ def invert(clip, images, labels, text, cfg, classes=None, progress=False, encode
            lam=None, steps=None):
     """Per candidate class k (default every class), the family's trigger towards k: (its tensors, per-class
     sizes, the per-step mean losses). mask: (masks (K, 1, S, S), patterns (K, 3, S, S)); additive:
-    (deltas (K, 3, S, S), None); warp: (grids (K, S, S, 2), control shifts z (K, 2, g, g)). Each class's trigger is optimised on the shots not labelled k. `init`,
-    `lam`, `steps` continue from given triggers with another penalty weight / step count (refine)."""
+    (deltas (K, 3, S, S), None); warp: (grids (K, S, S, 2), control shifts z (K, 2, g, g)). Each class's
+    trigger is optimised on the shots not labelled k. `init`, `lam`, `steps` continue from given triggers
+    with another penalty weight / step count (refine)."""
     n_classes = text.shape[0]
     classes = list(range(n_classes)) if classes is None else list(classes)
     dev = clip.device
