@@ -182,9 +182,10 @@ def stale_defense(cell, cached, quick, seed, settings=None, flagged_by="?"):
 def _without_cuts(cfg, flagged_by="?"):
     """A defense config without the detector's thresholds and mask recheck: a repair whose verdict, flagging
     family and trigger they do not change (recut() and recheck_scan() check that) is the same repair. Nor
-    does `also_mask` change a repair the mask flagged (or none)."""
+    does `also_mask` change a repair the mask flagged (or none), nor `keep_each` one with a single stand-in."""
     if isinstance(cfg, dict) and flagged_by in (None, "mask"):
-        cfg = {k: v for k, v in cfg.items() if k != "also_mask"}
+        single = not cfg.get("extra")
+        cfg = {k: v for k, v in cfg.items() if k != "also_mask" and not (single and k == "keep_each")}
     if isinstance(cfg, dict) and "detect" in cfg:
         det = {k: v for k, v in cfg["detect"].items() if not k.startswith("min_")}
         if isinstance(det.get("mask"), dict):
@@ -239,7 +240,7 @@ def inversion_settings(cfg):
 # field existed: a cached cell without the field ran with that value (not with today's default).
 ADDED_FIELDS = {"adv_steps": 1, "extra": [], "extra_steps": 100, "blend_alpha": 0.2, "gate": False,
                 "bounded_eps": 0.1, "clean_focus": 0.0, "adv_mask": True,
-                "w_clean_ce": 0.0, "also_mask": False, "keep_quantile": 0.0,
+                "w_clean_ce": 0.0, "also_mask": False, "keep_quantile": 0.0, "keep_each": False, "w_extra": None,
                 "recheck_top": 0, "recheck_seeds": 2}   # no recheck (any seed count then does the same)
 
 

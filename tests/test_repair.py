@@ -245,7 +245,7 @@ def test_also_mask_adds_the_mask_stand_in_only_beside_another_family(lab, monkey
     m0, p0 = torch.full((1, 32, 32), 0.05), torch.full((3, 32, 32), 0.5)
     found = {"verdict": "backdoored", "suspected_target": 8, "flagged_by": flagged_by, "trigger": None,
              "mask": {"target_index": 8}, "mask_trigger": (m0, p0), "stripe_pattern": torch.zeros(1, 1, 32)}
-    repair.tune(clip, few, text, repair.RepairConfig(also_mask=also_mask), progress=False, detection=found)
+    repair.tune(clip, few, text, repair.RepairConfig(also_mask=also_mask, extra=()), progress=False, detection=found)
     assert seen["families"] == expected
 
 
@@ -305,3 +305,25 @@ def test_keep_threshold_is_the_quantile_over_the_shots_the_stand_ins_send_to_k(l
     assert got == pytest.approx(torch.quantile(cos, 0.3).item(), abs=1e-5)
     identity = lambda x: x  # noqa: E731 (sends nothing to k that the frozen model did not already put there)
     assert repair.keep_threshold(clip, prompts, "shared", few.images, [identity], text, k, 0.3) is None
+
+
+def test_keep_threshold_holds_for_each_stand_in_or_for_their_pool(lab):
+    import torch.nn.functional as F
+    clip, few, text = lab
+    prompts = repair.prompted_vit.VisualPrompts.for_visual(clip.visual, 0, 4, 0.5)
+
+    def flat(level):   # every shot becomes the same flat image: one cosine per stand-in
+        return lambda x: targeted.stamp(x, torch.ones(1, 32, 32), torch.full((3, 32, 32), level))  # noqa: E731
+
+    def frozen_class(t):
+        with torch.no_grad():
+            return int((F.normalize(clip.encode_image(clip.normalise(t(few.images[:1]))), dim=-1) @ text.t()).argmax())
+
+    k = frozen_class(flat(0.5))
+    other = next(flat(v) for v in (0.45, 0.55, 0.4, 0.6, 0.35, 0.65) if frozen_class(flat(v)) == k)
+    each = repair.keep_threshold(clip, prompts, "shared", few.images, [flat(0.5), other], text, k, 0.3)
+    single = [repair.keep_threshold(clip, prompts, "shared", few.images, [t], text, k, 0.3) for t in (flat(0.5), other)]
+    pooled = repair.keep_threshold(clip, prompts, "shared", few.images, [flat(0.5), other], text, k, 0.3, each=False)
+    assert abs(single[0] - single[1]) > 1e-4        # two stand-ins the prompts move by different amounts
+    assert each == pytest.approx(max(single), abs=1e-6)
+    assert pooled == pytest.approx(min(single), abs=1e-6)   # as many shots of each: the 0.3-quantile is the lower

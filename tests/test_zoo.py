@@ -152,6 +152,17 @@ def test_a_scan_cached_before_the_recheck_is_rechecked_not_rescanned():
     assert not bench_zoo.stale_defense("repair", cached, False, 0, also, flagged_by=None)
     assert bench_zoo.stale_defense("repair", cached, False, 0, also, flagged_by="stripes")
     assert bench_zoo.stale_defense("repair", cached, False, 0, also)
+    # keep_each (pooled before it existed) changes only a repair with more than one stand-in
+    pooled = {k: v for k, v in old_cfg.items() if k != "keep_each"}
+    single, each = {"extra": []}, {"keep_each": True}
+    assert not bench_zoo.stale_defense("repair", {"config": {**pooled, **single}}, False, 0, {**single, **each},
+                                       flagged_by="mask")
+    assert bench_zoo.stale_defense("repair", {"config": {**pooled, **single}}, False, 0, {**single, **each},
+                                   flagged_by="stripes")
+    blend = {"extra": ["blend"]}
+    assert bench_zoo.stale_defense("repair", {"config": {**pooled, **blend}}, False, 0, {**blend, **each},
+                                   flagged_by="mask")
+    assert not bench_zoo.stale_defense("repair", {"config": {**pooled, **blend}}, False, 0, blend, flagged_by="mask")
 
 
 def test_a_scan_under_moved_cuts_is_decided_again_from_its_evidence(tmp_path):

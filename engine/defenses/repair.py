@@ -33,9 +33,13 @@ class RepairConfig:
     always: bool = False         # repair even when the detector reads the model clean
     gate: bool = True            # the prompts answer only where the frozen model predicts the suspected target
                                  # (engine.purify.gated; chosen on dev: bench/results/sweeps/repair_dev.md)
-    keep_quantile: float = 0.95  # gate: where the prompts move a feature less than they move this share of the
+    keep_quantile: float = 0.99  # gate: where the prompts move a feature less than they move this share of the
                                  # shots the final stand-in triggers send to k, the frozen answer stands
-                                 # (keep_threshold; 0: off; chosen on dev: bench/results/sweeps/repair_dev15.md)
+                                 # (keep_threshold; 0: off; chosen on dev with extra=("blend",):
+                                 # bench/results/sweeps/repair_dev_blend.md)
+    keep_each: bool = False      # with more than one stand-in, the cut holds for each: the largest of their
+                                 # quantiles (else one quantile over all their shots; at 0.99 the two measured
+                                 # alike on the dev models both ran on)
     refine_steps: int = 0        # tighten a mask trigger alone with a larger mask penalty before the repair
     refine_lam_factor: float = 4.0
     occluded_target: bool = False  # stamped triggers: distil T(x) towards f(x with the region noise-filled)
@@ -51,8 +55,11 @@ class RepairConfig:
     # (extra_steps) and then adversarial like it: "blend" (a global pattern at blend_alpha, the family a
     # small mask stands in for worst), "bounded" (a global additive pattern, |d| <= bounded_eps), "warp"
     # (a smooth warp of at most detect.mask.warp_pixels), "mask";
-    # the flagged family's own name adds a restart of it (another seed); the terms are averaged
-    extra: tuple = ()
+    # the flagged family's own name adds a restart of it (another seed); the terms are averaged (w_extra None)
+    extra: tuple = ("blend",)    # chosen on dev (bench/results/sweeps/repair_dev_blend.md): the keep rule kept
+                                 # blended triggers that a stamped mask stand-in alone does not resemble
+    w_extra: float = None        # else each extra stand-in's term (also_mask's too) weighs this, beside w_trigger
+                                 # on the flagged trigger's (a second stand-in then does not halve the first's)
     also_mask: bool = True       # a model flagged by stripes or a warp: the mask stand-in towards the same target
                                  # too (what repairs most backdoors of every family when the mask flags them;
                                  # chosen on dev: bench/results/sweeps/repair_dev_stripes.md)
@@ -162,8 +169,10 @@ def tune_prompts(clip, images, triggers, cfg, backend="shared", progress=True, n
             if cfg.w_clean_ce:
                 logits = LOGIT_SCALE * F.normalize(z[:len(clean)].float(), dim=-1) @ focus[0].t()
                 decision = cfg.w_clean_ce * _mean(F.cross_entropy(logits, frozen_pred, reduction="none"), focus_weight)
-        return weight * (decision + cfg.w_clean * distill_loss(z[:len(clean)], target, focus_weight)
-                         + cfg.w_trigger * distill_loss(z[len(clean):], target_t.repeat(len(triggers), 1)))
+        terms = [distill_loss(zt, target_t) for zt in z[len(clean):].split(len(x))]   # one per trigger
+        trigger_term = cfg.w_trigger * sum(terms) / len(terms) if cfg.w_extra is None else \
+            cfg.w_trigger * terms[0] + cfg.w_extra * sum(terms[1:])
+        return weight * (decision + cfg.w_clean * distill_loss(z[:len(clean)], target, focus_weight) + trigger_term)
 
     history = minibatch_epochs(n, cfg.batch, cfg.epochs, g, loss_of, opt, sched, desc="repair prompts",
                                hint=f"lower the repair lr (now {cfg.lr})", progress=progress, device=clip.device,
@@ -208,16 +217,17 @@ def tune(clip, train, text, cfg, backend="shared", progress=True, log=None, dete
     if isinstance(trigger, AdversarialTrigger) and found["flagged_by"] in (None, "mask"):
         found["adversarial_mask_size"] = trigger.fam.size().item()
     keep = keep_threshold(clip, prompts, backend, train.images, triggers, text, found["suspected_target"],
-                          cfg.keep_quantile) if cfg.gate and cfg.keep_quantile else None
+                          cfg.keep_quantile, cfg.keep_each) if cfg.gate and cfg.keep_quantile else None
     return {"prompts": prompts, "detection": found, "history": history, "keep": keep}
 
 
-def keep_threshold(clip, prompts, backend, images, triggers, text, k, quantile):
+def keep_threshold(clip, prompts, backend, images, triggers, text, k, quantile, each=True):
     """The gate's keep cosine (engine.purify.keeps_frozen): the `quantile` of cos(prompted, frozen feature)
     over the shots that the final (adversarially trained) stand-in triggers send to k under the frozen
     model. Where the prompts move a k-predicted image's feature less than that, it is more likely one of
     the target class's own images than a triggered one (the prompts move a triggered image towards its clean
-    content), and the frozen answer stands; `quantile` bounds the share of stand-in-triggered shots kept.
+    content), and the frozen answer stands; `quantile` bounds the share of stand-in-triggered shots kept:
+    of each stand-in's (`each`: the largest of their quantiles), or of all of them together.
     None when no stand-in reaches k."""
     text = text.to(clip.device)
     x = images[predict(clip, images, text) != k].to(clip.device)   # the shots the frozen model puts elsewhere
@@ -230,7 +240,11 @@ def keep_threshold(clip, prompts, backend, images, triggers, text, k, quantile):
             if hit.any():
                 zp = prompted_vit.forward(clip.visual, prompts, xt[hit], backend)["feature"]
                 cos.append(F.cosine_similarity(zp.float(), zf[hit].float(), dim=-1))
-    return torch.quantile(torch.cat(cos), quantile).item() if cos else None
+    if not cos:
+        return None
+    if each:
+        return max(torch.quantile(c, quantile).item() for c in cos)
+    return torch.quantile(torch.cat(cos), quantile).item()
 
 
 def _mask_family(m, p, moving_mask=True):
