@@ -321,9 +321,24 @@ def test_keep_threshold_holds_for_each_stand_in_or_for_their_pool(lab):
 
     k = frozen_class(flat(0.5))
     other = next(flat(v) for v in (0.45, 0.55, 0.4, 0.6, 0.35, 0.65) if frozen_class(flat(v)) == k)
-    each = repair.keep_threshold(clip, prompts, "shared", few.images, [flat(0.5), other], text, k, 0.3)
+    each = repair.keep_threshold(clip, prompts, "shared", few.images, [flat(0.5), other], text, k, 0.3, each=True)
     single = [repair.keep_threshold(clip, prompts, "shared", few.images, [t], text, k, 0.3) for t in (flat(0.5), other)]
-    pooled = repair.keep_threshold(clip, prompts, "shared", few.images, [flat(0.5), other], text, k, 0.3, each=False)
+    pooled = repair.keep_threshold(clip, prompts, "shared", few.images, [flat(0.5), other], text, k, 0.3)
     assert abs(single[0] - single[1]) > 1e-4        # two stand-ins the prompts move by different amounts
     assert each == pytest.approx(max(single), abs=1e-6)
     assert pooled == pytest.approx(min(single), abs=1e-6)   # as many shots of each: the 0.3-quantile is the lower
+
+
+def test_w_extra_weighs_each_extra_stand_in_on_its_own(lab):
+    from dataclasses import replace
+    clip, few, text = lab
+    t = lambda x: targeted.stamp(x, torch.full((1, 32, 32), 0.1), torch.full((3, 32, 32), 0.9))  # noqa: E731
+    far = lambda x: targeted.stamp(x, torch.ones(1, 32, 32), torch.zeros(3, 32, 32))  # noqa: E731 (all black)
+    cfg = repair.RepairConfig(epochs=1, batch=8)
+    _, one = repair.tune_prompts(clip, few.images, [t], cfg, progress=False)
+    _, muted = repair.tune_prompts(clip, few.images, [t, far], replace(cfg, w_extra=0.0), progress=False)
+    _, twice = repair.tune_prompts(clip, few.images, [t, t], cfg, progress=False)
+    _, summed = repair.tune_prompts(clip, few.images, [t, t], replace(cfg, w_extra=cfg.w_trigger), progress=False)
+    assert muted == pytest.approx(one, rel=1e-4)      # an extra at weight 0 changes nothing
+    assert twice == pytest.approx(one, rel=1e-4)      # averaged (w_extra None): the same term twice is the term
+    assert summed != pytest.approx(one, rel=1e-3)     # at its own weight it adds to the first

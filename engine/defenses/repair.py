@@ -221,7 +221,7 @@ def tune(clip, train, text, cfg, backend="shared", progress=True, log=None, dete
     return {"prompts": prompts, "detection": found, "history": history, "keep": keep}
 
 
-def keep_threshold(clip, prompts, backend, images, triggers, text, k, quantile, each=True):
+def keep_threshold(clip, prompts, backend, images, triggers, text, k, quantile, each=False):
     """The gate's keep cosine (engine.purify.keeps_frozen): the `quantile` of cos(prompted, frozen feature)
     over the shots that the final (adversarially trained) stand-in triggers send to k under the frozen
     model. Where the prompts move a k-predicted image's feature less than that, it is more likely one of
