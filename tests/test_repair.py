@@ -5,6 +5,7 @@ import torch
 
 from engine import data as D
 from engine.defenses import repair
+from engine.evaluate import predict
 from engine.inversion import targeted
 from engine.models import bundled_checkpoint, load_model
 
@@ -295,10 +296,9 @@ def test_keep_threshold_is_the_quantile_over_the_shots_the_stand_ins_send_to_k(l
     clip, few, text = lab
     prompts = repair.prompted_vit.VisualPrompts.for_visual(clip.visual, 0, 4, 0.5)
     grey = lambda x: targeted.stamp(x, torch.ones(1, 32, 32), torch.full((3, 32, 32), 0.5))  # noqa: E731
+    k = int(predict(clip, grey(few.images[:1]), text)[0])
     with torch.no_grad():
-        k = int((F.normalize(clip.encode_image(clip.normalise(grey(few.images[:1]))), dim=-1) @ text.t()).argmax())
-        frozen_pred = (F.normalize(clip.encode_image(clip.normalise(few.images)), dim=-1) @ text.t()).argmax(1)
-        xt = clip.normalise(grey(few.images[frozen_pred != k]))   # every one is the same grey image: sent to k
+        xt = clip.normalise(grey(few.images[predict(clip, few.images, text) != k]))   # one grey image: sent to k
         cos = F.cosine_similarity(repair.prompted_vit.forward(clip.visual, prompts, xt, "shared")["feature"],
                                   clip.encode_image(xt), dim=-1)
     got = repair.keep_threshold(clip, prompts, "shared", few.images, [grey], text, k, 0.3)
@@ -308,7 +308,6 @@ def test_keep_threshold_is_the_quantile_over_the_shots_the_stand_ins_send_to_k(l
 
 
 def test_keep_threshold_holds_for_each_stand_in_or_for_their_pool(lab):
-    import torch.nn.functional as F
     clip, few, text = lab
     prompts = repair.prompted_vit.VisualPrompts.for_visual(clip.visual, 0, 4, 0.5)
 
@@ -316,8 +315,7 @@ def test_keep_threshold_holds_for_each_stand_in_or_for_their_pool(lab):
         return lambda x: targeted.stamp(x, torch.ones(1, 32, 32), torch.full((3, 32, 32), level))  # noqa: E731
 
     def frozen_class(t):
-        with torch.no_grad():
-            return int((F.normalize(clip.encode_image(clip.normalise(t(few.images[:1]))), dim=-1) @ text.t()).argmax())
+        return int(predict(clip, t(few.images[:1]), text)[0])
 
     k = frozen_class(flat(0.5))
     other = next(flat(v) for v in (0.45, 0.55, 0.4, 0.6, 0.35, 0.65) if frozen_class(flat(v)) == k)
