@@ -38,9 +38,8 @@ def held_out(train_all, shots, per_class, seed):
     return train_all.subset(sorted(i for v in by_class.values() for i in v[:per_class]))
 
 
-def shares(clip, probe, text, transform_of):
-    """Per class k: the flip share towards k of transform_of(k) on `probe`."""
-    clean = predict(clip, probe.images, text)
+def shares(clip, probe, clean, text, transform_of):
+    """Per class k: the flip share towards k of transform_of(k) on `probe` (`clean`: its frozen predictions)."""
     return [flip_shares(probe.labels, clean, predict(clip, probe.images, text, transform=transform_of(k)),
                         len(text))[k] for k in range(len(text))]
 
@@ -52,18 +51,19 @@ def measure(model, budgets, shots, held_per_class, seed):
     held = held_out(train_all, shots, held_per_class, seed)
     truth = model["target"] if model.get("record", {}).get("trigger") else None
     row = {"name": model["name"], "kind": "warp" if truth else "clean", "target": truth, "budgets": {}}
+    probes = {"shots": few, "held_out": held}
+    clean = {name: predict(clip, probe.images, text) for name, probe in probes.items()}   # once per probe
     if truth:
-        k = few.classes.index(truth)
-        row["true_trigger_share"] = flip_shares(held.labels, predict(clip, held.images, text),
-                                                predict(clip, held.images, text, transform=job.trigger), len(text))[k]
+        row["true_trigger_share"] = flip_shares(held.labels, clean["held_out"], predict(
+            clip, held.images, text, transform=job.trigger), len(text))[few.classes.index(truth)]
     for px in budgets:
         t0 = time.time()
         cfg = replace(targeted.TargetedConfig(), warp_pixels=px, seed=seed)
         (grids, _), _, _ = targeted.invert(clip, few.images, few.labels, text, cfg, family="warp")
-        row["budgets"][str(px)] = {
-            "shots": dict(zip(few.classes, shares(clip, few, text, lambda k: lambda x: targeted.warp(x, grids[k])))),
-            "held_out": dict(zip(few.classes, shares(clip, held, text, lambda k: lambda x: targeted.warp(x, grids[k])))),
-            "seconds": round(time.time() - t0, 1)}
+        towards = lambda k: lambda x: targeted.warp(x, grids[k])   # noqa: E731
+        row["budgets"][str(px)] = {name: dict(zip(few.classes, shares(clip, probe, clean[name], text, towards)))
+                                   for name, probe in probes.items()}
+        row["budgets"][str(px)]["seconds"] = round(time.time() - t0, 1)
     return row
 
 
