@@ -81,8 +81,9 @@ def job_config(model, shots, eval_limit, seed, settings=None):
 
 def run_model(model, defenses, cache, shots, eval_limit, seed, quick, log, scan_cell=True, cached_only=False,
               settings=None):
-    """Every cell of one model, each read from the cache or computed and cached (cached_only: missing
-    defense cells are left out, not computed). `settings`: --set's overrides {field: value}."""
+    """Every cell of one model, each read from the cache or computed and cached (cached_only: cells that are
+    missing or stale are left out, not computed, so no checkpoint is needed). `settings`: --set's overrides
+    {field: value}."""
     settings = settings or {}
     cells = {}
     job = scan_cached = None
@@ -108,10 +109,13 @@ def run_model(model, defenses, cache, shots, eval_limit, seed, quick, log, scan_
                 cached = recutted
             if cell == "scan" and (moved or not (tensors.is_file() or cached_only)):
                 # inversion settings moved (or the inverted triggers were not kept): detect again, repair again
+                if cached_only:
+                    continue
                 (cache / model["name"] / "repair.json").unlink(missing_ok=True)
             elif cell not in ("none", "scan") and stale_defense(cell, cached, quick, seed, settings,
                                                                 (scan_cached or {}).get("flagged_by", "?")):
-                pass                                       # the defense's settings moved: tune again
+                if cached_only:
+                    continue                               # the defense's settings moved: tune again (not here)
             else:
                 if cell == "scan":
                     cached["score"] = score(cached)   # the current definition, from the stored evidence
@@ -171,6 +175,9 @@ def stale_defense(cell, cached, quick, seed, settings=None, flagged_by="?"):
     `flagged_by`: the cached scan's flagging family ("?": unknown), for the settings that only apply to some."""
     if "config" not in cached:
         return cell == "repair"
+    if cell == "repair" and cached.get("repaired") is False and not cached["config"].get("always") and \
+            not defense_config(cell, quick, seed, settings).always:
+        return False   # the scan read the model clean: nothing was tuned, and no tuning setting changes that
     settings = settings or {}
     if cached.get("unlabelled", 0) != settings.get("unlabelled", 0):
         return True
@@ -241,6 +248,7 @@ def inversion_settings(cfg):
 ADDED_FIELDS = {"adv_steps": 1, "extra": [], "extra_steps": 100, "blend_alpha": 0.2, "gate": False,
                 "bounded_eps": 0.1, "clean_focus": 0.0, "adv_mask": True,
                 "w_clean_ce": 0.0, "also_mask": False, "keep_quantile": 0.0, "keep_each": False, "w_extra": None,
+                "keep_weight": 0.0,
                 "recheck_top": 0, "recheck_seeds": 2}   # no recheck (any seed count then does the same)
 
 
@@ -447,20 +455,24 @@ def main(argv=None):
         i, n = _shard(args.shard)
         models = models[i::n]
     recorded = {m["name"] for m in models}
-    missing = [m["name"] for m in models if m["checkpoint"] is None] + \
-        [s["name"] + " (no record: not built)" for s in (zoo.specs(split) if split in zoo.SPLITS else [])
-         if s["name"] not in recorded and (not args.models or s["name"] in args.models)]
-    models = [m for m in models if m["checkpoint"] is not None]
+    missing = [s["name"] + " (no record: not built)" for s in (zoo.specs(split) if split in zoo.SPLITS else [])
+               if s["name"] not in recorded and (not args.models or s["name"] in args.models)]
     cache = results / "zoo" / split
-    if args.cached_only:  # aggregate what earlier runs finished; list the rest as not run
-        cells_needed = ["none", "scan"] + args.defenses[:1]   # the first defense everywhere; others where measured
+    cells_needed = ["none", "scan"] + args.defenses[:1]   # the first defense everywhere; others where measured
+    if args.cached_only:  # aggregate what earlier runs finished (no checkpoint needed); list the rest as not run
         done = [m for m in models if all((cache / m["name"] / f"{c}.json").is_file() for c in cells_needed)]
         missing += [m["name"] + " (not run yet)" for m in models if m not in done]
         models = done
+    else:
+        missing = [m["name"] for m in models if m["checkpoint"] is None] + missing
+        models = [m for m in models if m["checkpoint"] is not None]
     rows = []
     for m in models:
         cells = run_model(m, args.defenses, cache, shots, eval_limit, args.seed, args.quick, print,
                           scan_cell=not args.skip_scan, cached_only=args.cached_only, settings=settings)
+        if not all(c in cells for c in cells_needed if c != "scan" or not args.skip_scan):
+            missing.append(m["name"] + " (cached cells stale: run again without --cached-only)")
+            continue
         rows.append({"name": m["name"], "family": m.get("family", m.get("attack") or "clean"), "target": m["target"],
                      "kind": kind(m), "cells": cells})
     if args.skip_scan or args.shard:   # a part of the run: the merging --cached-only run writes the tables

@@ -78,6 +78,10 @@ def parse_args(argv=None):
     t.add_argument("--keep-quantile", type=float, default=None,
                    help="repair: the gate's keep rule, a quantile in [0, 1) (0: off; default "
                         "engine.defenses.repair.RepairConfig's)")
+    t.add_argument("--keep-weight", type=float, default=None,
+                   help="repair: > 0: the gate's keep cut minimises the CA its prompts would cost the target "
+                        "class's shots plus this weight x the stand-in triggers' ASR it would leave (0: the "
+                        "--keep-quantile cut alone; default RepairConfig's)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", help="cpu, cuda or auto")
     p.add_argument("--precision", default="fp32", choices=P.CHOICES,
@@ -102,7 +106,8 @@ def defense_config(args):
     cfg = purify.config(args.defense, args.model, epochs=args.epochs, lr=args.lr, batch=args.batch, seed=args.seed,
                         augment=args.augment, alpha=args.alpha, margin=args.margin, tokens=args.prompt_tokens,
                         start=args.prompt_start)
-    return cfg if args.keep_quantile is None else dataclasses.replace(cfg, keep_quantile=args.keep_quantile)
+    gate = {k: v for k, v in (("keep_quantile", args.keep_quantile), ("keep_weight", args.keep_weight)) if v is not None}
+    return dataclasses.replace(cfg, **gate) if gate else cfg
 
 
 # Tuning fits the few shots, so their CA should not fall far below zero-shot; when it does, the tuning
@@ -173,8 +178,11 @@ def check_args(args):
             raise UserError(f"--{flag.replace('_', '-')} must be at least 1, not {value}")
     if args.lr is not None and not args.lr > 0:
         raise UserError(f"--lr must be positive, not {args.lr}")
-    if args.keep_quantile is not None and args.defense != "repair":
-        raise UserError(f"--keep-quantile is the repair's gate rule; --defense {args.defense} has no gate")
+    for flag in ("keep_quantile", "keep_weight"):
+        if getattr(args, flag) is not None and args.defense != "repair":
+            raise UserError(f"--{flag.replace('_', '-')} is the repair's gate rule; --defense {args.defense} has no gate")
+    if args.keep_weight is not None and not args.keep_weight >= 0:
+        raise UserError(f"--keep-weight must be 0 or more (0: off), not {args.keep_weight}")
     if args.keep_quantile is not None and not 0 <= args.keep_quantile < 1:
         raise UserError(f"--keep-quantile must be in [0, 1) (0: off), not {args.keep_quantile}")
     P.resolve(args.precision, resolve_device(args.device))

@@ -327,6 +327,55 @@ def test_keep_threshold_holds_for_each_stand_in_or_for_their_pool(lab):
     assert pooled == pytest.approx(min(single), abs=1e-6)   # as many shots of each: the 0.3-quantile is the lower
 
 
+def _cut_cost(c, triggered, own, classes, weight):
+    return (own < c).float().mean() / classes + weight * (triggered >= c).float().mean()
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("weight", [0.02, 0.25, 3.0])
+def test_balanced_cut_reaches_the_least_cost_of_a_fine_grid(seed, weight):
+    g = torch.Generator().manual_seed(seed)
+    triggered = 0.3 + 0.5 * torch.rand(int(torch.randint(5, 300, (1,), generator=g)), generator=g)
+    own = 0.55 + 0.4 * torch.rand(int(torch.randint(1, 17, (1,), generator=g)), generator=g)
+    c = repair.balanced_cut(triggered, own, 10, weight)
+    grid = torch.linspace(0.0, 1.2, 24001)
+    best = min(_cut_cost(v, triggered, own, 10, weight).item() for v in grid)
+    assert _cut_cost(c, triggered, own, 10, weight).item() == pytest.approx(best, abs=1e-7)
+    # and no cosine sits on the cut: it lies inside an interval, away from both lists' values
+    assert not torch.isclose(torch.cat([triggered, own]), torch.tensor(c), atol=1e-7).any()
+
+
+def test_balanced_cut_splits_separated_lists_midway_and_leans_to_removal_on_ties():
+    triggered, own = torch.tensor([0.2, 0.3, 0.4]), torch.tensor([0.8, 0.9])
+    assert repair.balanced_cut(triggered, own, 10, 0.25) == pytest.approx(0.6)   # midway between 0.4 and 0.8
+    # a costly leak: every triggered shot must be answered by the prompts, whatever the own shots lose
+    assert repair.balanced_cut(torch.tensor([0.2, 0.85]), own, 10, 10.0) > 0.85
+    # a cheap leak: the own shots all keep their answer, the top triggered shot is left
+    assert 0.4 < repair.balanced_cut(torch.tensor([0.2, 0.4, 0.85]), own, 10, 0.01) <= 0.8
+    # a tie: keeping the 0.7 shot, or answering it and one of two own shots, cost the same; the higher cut wins
+    assert repair.balanced_cut(torch.tensor([0.2, 0.7]), torch.tensor([0.5, 0.9]), 10, 0.1) == pytest.approx(0.8)
+
+
+def test_keep_threshold_balances_against_the_target_class_shots_read_as_it(lab):
+    clip, few, text = lab
+    prompts = repair.prompted_vit.VisualPrompts.for_visual(clip.visual, 0, 4, 0.5)
+    grey = lambda x: targeted.stamp(x, torch.ones(1, 32, 32), torch.full((3, 32, 32), 0.5))  # noqa: E731
+    k = int(predict(clip, grey(few.images[:1]), text)[0])
+    pred = predict(clip, few.images, text)
+    own = few.images[(pred == k) & (few.labels == k)]
+    assert len(own)   # the fixture's shots hold some of class k read as k
+    moved = repair._moved(clip, prompts, "shared", grey(few.images[pred != k]), text, k)
+    expected = repair.balanced_cut(moved, repair._moved(clip, prompts, "shared", own, text, k), len(text), 0.25)
+    got = repair.keep_threshold(clip, prompts, "shared", few.images, [grey], text, k, 0.3, labels=few.labels,
+                                weight=0.25)
+    assert got == pytest.approx(expected, abs=1e-6)
+    # without labels (or weight 0) the quantile rule stands
+    assert repair.keep_threshold(clip, prompts, "shared", few.images, [grey], text, k, 0.3, weight=0.25) == \
+        pytest.approx(torch.quantile(moved, 0.3).item(), abs=1e-5)
+    # and with the quantile rule off too, there is no cut
+    assert repair.keep_threshold(clip, prompts, "shared", few.images, [grey], text, k, 0.0, weight=0.25) is None
+
+
 def test_w_extra_weighs_each_extra_stand_in_on_its_own(lab):
     from dataclasses import replace
     clip, few, text = lab

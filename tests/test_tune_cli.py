@@ -136,6 +136,8 @@ def cli_error(capsys, argv):
     (["--lr", "0"], "--lr must be positive"),
     (["--keep-quantile", "1", "--defense", "repair"], "must be in [0, 1)"),
     (["--keep-quantile", "0.9", "--defense", "rvpt"], "has no gate"),
+    (["--keep-weight", "-1", "--defense", "repair"], "must be 0 or more"),
+    (["--keep-weight", "0.25", "--defense", "cbpt"], "has no gate"),
     (["--device", "tpu9"], "--device tpu9 is not a device"),
     (["--device", "meta"], "only cpu, cuda"),
 ])
@@ -255,3 +257,11 @@ def test_tuning_a_few_epochs_is_deterministic(tiny_folder, tmp_path):
     assert torch.equal(prompts[0], prompts[1]) and not torch.equal(prompts[0], prompts[2])
     for key in ("loss_history", "before", "after", "shots_ca"):
         assert runs_[0][key] == runs_[1][key]
+
+
+def test_gate_flags_reach_the_repair_config_and_unset_ones_keep_its_defaults():
+    from engine.defenses.repair import RepairConfig
+    cfg = tune.defense_config(tune.parse_args(["--defense", "repair", "--keep-weight", "0.5"]))
+    assert cfg.keep_weight == 0.5 and cfg.keep_quantile == RepairConfig().keep_quantile
+    cfg = tune.defense_config(tune.parse_args(["--defense", "repair", "--keep-quantile", "0.9"]))
+    assert cfg.keep_quantile == 0.9 and cfg.keep_weight == RepairConfig().keep_weight

@@ -165,6 +165,38 @@ def test_a_scan_cached_before_the_recheck_is_rechecked_not_rescanned():
     assert not bench_zoo.stale_defense("repair", {"config": {**pooled, **blend}}, False, 0, blend, flagged_by="mask")
 
 
+def test_an_untuned_repair_cell_stays_current_whatever_the_tuning_settings():
+    cfg = json.loads(json.dumps(bench_zoo.defense_config("repair", False, 0).as_dict()))
+    old = {k: v for k, v in cfg.items() if k != "keep_weight"}   # cached before the field existed
+    assert not bench_zoo.stale_defense("repair", {"config": old, "repaired": True}, False, 0, {"keep_weight": 0.0})
+    assert bench_zoo.stale_defense("repair", {"config": old, "repaired": True}, False, 0, {"keep_weight": 0.25})
+    # the scan read the model clean: nothing was tuned, so no tuning setting makes the cell stale ...
+    assert not bench_zoo.stale_defense("repair", {"config": old, "repaired": False}, False, 0,
+                                       {"keep_weight": 0.25, "w_trigger": 1.0})
+    # ... but `always` does (then a clean-read model is repaired too)
+    assert bench_zoo.stale_defense("repair", {"config": old, "repaired": False}, False, 0, {"always": True})
+
+
+def test_cached_only_tables_need_no_checkpoint_and_never_compute_a_stale_cell(tmp_path, monkeypatch):
+    import shutil
+    monkeypatch.setenv("CLIP_PURIFY_ZOO", str(tmp_path / "no-checkpoints"))
+    monkeypatch.setattr(bench_zoo, "prepare", lambda *a, **k: pytest.fail("a --cached-only run loaded a model"))
+    src = bench_zoo.RESULTS / "zoo" / "holdout"
+    for name in ("holdout-08-warp", "holdout-00-patch"):   # read clean (nothing tuned) / flagged and repaired
+        shutil.copytree(src / name, tmp_path / "zoo" / "holdout" / name)
+    args = ["--split", "holdout", "--defenses", "repair", "--results", str(tmp_path), "--cached-only",
+            "--models", "holdout-08-warp", "holdout-00-patch"]
+    tuned = json.loads((src / "holdout-00-patch" / "repair.json").read_text())["config"].get("keep_weight", 0.0)
+    bench_zoo.main(args + ["--set", f"keep_weight={tuned}"])   # the setting the cells were tuned with: both current
+    rows = {m["name"] for m in json.loads((tmp_path / "zoo_holdout.json").read_text())["models"]}
+    assert rows == {"holdout-08-warp", "holdout-00-patch"}
+    bench_zoo.main(args + ["--set", f"keep_weight={tuned + 1}"])   # the repaired model's cell is stale: listed, not run
+    out = json.loads((tmp_path / "zoo_holdout.json").read_text())
+    assert [m["name"] for m in out["models"]] == ["holdout-08-warp"]
+    assert any(m.startswith("holdout-00-patch (cached cells stale") for m in out["missing"])
+    assert (tmp_path / "zoo" / "holdout" / "holdout-00-patch" / "repair.json").is_file()   # left as it was
+
+
 def test_a_scan_under_moved_cuts_is_decided_again_from_its_evidence(tmp_path):
     cuts = bench_zoo.detect_config(False)
     mask = {"target": "bag", "anomaly_index": cuts.min_mask_anomaly + 1, "log_gap": cuts.min_mask_gap - 0.05}

@@ -37,6 +37,11 @@ class RepairConfig:
                                  # shots the final stand-in triggers send to k, the frozen answer stands
                                  # (keep_threshold; 0: off; chosen on dev with extra=("blend",):
                                  # bench/results/sweeps/repair_dev_blend.md)
+    keep_weight: float = 0.5     # > 0: the keep cut balances instead (balanced_cut): it minimises the target
+                                 # class's own shots the prompts would answer (each 1/K of the images) plus
+                                 # keep_weight x the stand-in-triggered shots kept; keep_quantile then only
+                                 # where no shot of the target class is read as it (chosen on dev:
+                                 # bench/results/sweeps/repair_dev_keep_weight.md)
     keep_each: bool = False      # with more than one stand-in, the cut holds for each: the largest of their
                                  # quantiles (else one quantile over all their shots; at 0.99 the two measured
                                  # alike on the dev models both ran on)
@@ -217,34 +222,69 @@ def tune(clip, train, text, cfg, backend="shared", progress=True, log=None, dete
     if isinstance(trigger, AdversarialTrigger) and found["flagged_by"] in (None, "mask"):
         found["adversarial_mask_size"] = trigger.fam.size().item()
     keep = keep_threshold(clip, prompts, backend, train.images, triggers, text, found["suspected_target"],
-                          cfg.keep_quantile, cfg.keep_each) if cfg.gate and cfg.keep_quantile else None
+                          cfg.keep_quantile, cfg.keep_each, labels=train.labels, weight=cfg.keep_weight) \
+        if cfg.gate and (cfg.keep_quantile or cfg.keep_weight) else None
     return {"prompts": prompts, "detection": found, "history": history, "keep": keep}
 
 
-def keep_threshold(clip, prompts, backend, images, triggers, text, k, quantile, each=False):
-    """The gate's keep cosine (engine.purify.keeps_frozen): the `quantile` of cos(prompted, frozen feature)
-    over the shots that the final (adversarially trained) stand-in triggers send to k under the frozen
-    model. Where the prompts move a k-predicted image's feature less than that, it is more likely one of
-    the target class's own images than a triggered one (the prompts move a triggered image towards its clean
-    content), and the frozen answer stands; `quantile` bounds the share of stand-in-triggered shots kept:
-    of each stand-in's (`each`: the largest of their quantiles), or of all of them together.
-    None when no stand-in reaches k."""
+def keep_threshold(clip, prompts, backend, images, triggers, text, k, quantile, each=False, labels=None, weight=0.0):
+    """The gate's keep cosine (engine.purify.keeps_frozen), from cos(prompted, frozen feature) over the shots
+    that the final (adversarially trained) stand-in triggers send to k under the frozen model. Where the
+    prompts move a k-predicted image's feature less than the cut, it is more likely one of the target class's
+    own images than a triggered one (the prompts move a triggered image towards its clean content), and the
+    frozen answer stands. `weight` > 0 (with `labels`): balanced_cut against the class-k shots the frozen
+    model reads as k; else (or without such shots) the `quantile` of those cosines, which bounds the share of
+    stand-in-triggered shots kept: of each stand-in's (`each`: the largest of their quantiles), or of all of
+    them together. None when no stand-in reaches k, or when neither rule applies (quantile 0, no own shots)."""
     text = text.to(clip.device)
-    x = images[predict(clip, images, text) != k].to(clip.device)   # the shots the frozen model puts elsewhere
-    with torch.no_grad():
-        cos = []
-        for t in triggers:
-            xt = clip.normalise(t(x))
-            zf = clip.encode_image(xt)
-            hit = (F.normalize(zf.float(), dim=-1) @ text.t()).argmax(1) == k
-            if hit.any():
-                zp = prompted_vit.forward(clip.visual, prompts, xt[hit], backend)["feature"]
-                cos.append(F.cosine_similarity(zp.float(), zf[hit].float(), dim=-1))
+    pred = predict(clip, images, text)
+    cos = [_moved(clip, prompts, backend, t(images[pred != k].to(clip.device)), text, k) for t in triggers]
+    cos = [c for c in cos if len(c)]
     if not cos:
+        return None
+    own = images[(pred == k) & (labels == k)] if labels is not None and weight else images[:0]
+    if len(own):
+        return balanced_cut(torch.cat(cos), _moved(clip, prompts, backend, own.to(clip.device), text, k),
+                            len(text), weight)
+    if not quantile:   # the quantile rule is off: without own shots, no cut
         return None
     if each:
         return max(torch.quantile(c, quantile).item() for c in cos)
     return torch.quantile(torch.cat(cos), quantile).item()
+
+
+def _moved(clip, prompts, backend, x, text, k):
+    """cos(prompted, frozen feature) of the images in x that the frozen model reads as k."""
+    with torch.no_grad():
+        x = clip.normalise(x)
+        zf = clip.encode_image(x)
+        hit = (F.normalize(zf.float(), dim=-1) @ text.t()).argmax(1) == k
+        if not hit.any():
+            return zf.new_zeros(0, dtype=torch.float32)
+        zp = prompted_vit.forward(clip.visual, prompts, x[hit], backend)["feature"]
+        return F.cosine_similarity(zp.float(), zf[hit].float(), dim=-1)
+
+
+def balanced_cut(triggered, own, classes, weight):
+    """The keep cut that minimises  share(own < c) / classes + weight * share(triggered >= c):  the target
+    class's own images the prompts would answer (each class about 1/classes of the images: CA at stake) and
+    the triggered ones whose frozen answer would stand (ASR), estimated on the shots. The cost only changes at
+    an observed cosine, so among the cuts of least cost it takes the middle of the highest such interval
+    (ties lean to removing the backdoor)."""
+    edges = torch.cat([triggered, own]).float().sort().values
+    # one candidate inside every interval between neighbouring cosines, plus one below and one above all
+    cands = torch.cat([edges[:1] - 1e-3, (edges[1:] + edges[:-1]) / 2, edges[-1:] + 1e-3])
+    cost = (own[None] < cands[:, None]).float().mean(1) / classes + \
+        weight * (triggered[None] >= cands[:, None]).float().mean(1)
+    best = (cost <= cost.min() + 1e-9).nonzero().flatten()
+    hi = int(best.max())
+    lo = hi
+    while lo > 0 and (lo - 1) in best:   # the contiguous run of least-cost candidates that ends at hi
+        lo -= 1
+    # the interval those candidates stand for runs from the cosine below the lowest to the one above the highest
+    low = edges[lo - 1] if lo > 0 else edges[0] - 1e-3
+    high = edges[hi] if hi < len(edges) else edges[-1] + 1e-3
+    return ((low + high) / 2).item()
 
 
 def _mask_family(m, p, moving_mask=True):
