@@ -175,15 +175,15 @@ def stale_defense(cell, cached, quick, seed, settings=None, flagged_by="?"):
     `flagged_by`: the cached scan's flagging family ("?": unknown), for the settings that only apply to some."""
     if "config" not in cached:
         return cell == "repair"
+    current = defense_config(cell, quick, seed, settings)
     if cell == "repair" and cached.get("repaired") is False and not cached["config"].get("always") and \
-            not defense_config(cell, quick, seed, settings).always:
+            not current.always:
         return False   # the scan read the model clean: nothing was tuned, and no tuning setting changes that
     settings = settings or {}
     if cached.get("unlabelled", 0) != settings.get("unlabelled", 0):
         return True
     return not _same(_without_cuts(cached["config"], flagged_by),
-                     _without_cuts(json.loads(json.dumps(defense_config(cell, quick, seed, settings).as_dict())),
-                                   flagged_by))
+                     _without_cuts(json.loads(json.dumps(current.as_dict())), flagged_by))
 
 
 def _without_cuts(cfg, flagged_by="?"):

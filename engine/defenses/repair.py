@@ -238,7 +238,8 @@ def keep_threshold(clip, prompts, backend, images, triggers, text, k, quantile, 
     them together. None when no stand-in reaches k, or when neither rule applies (quantile 0, no own shots)."""
     text = text.to(clip.device)
     pred = predict(clip, images, text)
-    cos = [_moved(clip, prompts, backend, t(images[pred != k].to(clip.device)), text, k) for t in triggers]
+    x = images[pred != k].to(clip.device)   # the shots the frozen model puts elsewhere
+    cos = [_moved(clip, prompts, backend, t(x), text, k) for t in triggers]
     cos = [c for c in cos if len(c)]
     if not cos:
         return None
@@ -276,10 +277,10 @@ def balanced_cut(triggered, own, classes, weight):
     cands = torch.cat([edges[:1] - 1e-3, (edges[1:] + edges[:-1]) / 2, edges[-1:] + 1e-3])
     cost = (own[None] < cands[:, None]).float().mean(1) / classes + \
         weight * (triggered[None] >= cands[:, None]).float().mean(1)
-    best = (cost <= cost.min() + 1e-9).nonzero().flatten()
-    hi = int(best.max())
+    best = cost <= cost.min() + 1e-9
+    hi = int(best.nonzero().max())
     lo = hi
-    while lo > 0 and (lo - 1) in best:   # the contiguous run of least-cost candidates that ends at hi
+    while lo > 0 and best[lo - 1]:   # the contiguous run of least-cost candidates that ends at hi
         lo -= 1
     # the interval those candidates stand for runs from the cosine below the lowest to the one above the highest
     low = edges[lo - 1] if lo > 0 else edges[0] - 1e-3
