@@ -3,7 +3,11 @@ is naturally vulnerable to. For each model (the bundled clean one and the built 
 a zoo split), the detector's warp inversion (engine.inversion.targeted.WarpFamily: one smooth bounded
 warp per class, fitted on the 16-shot shots) at several shift budgets; each class's flip share
 (engine.inversion.detect.flip_shares) on the shots it was fitted on (what the scan measures) and on
-held-out train images; and the true trigger's own share on the held-out images. Lab CLIP numbers.
+held-out train images; and the true trigger's own share on the held-out images. Two more tests a warp
+backdoor could fail: Neural Cleanse's size test on warps (per class the smallest mean shift that sends the
+shots to it, targeted.WarpSizeFamily; a target should need a much smaller one) and random smooth warps of
+the zoo's strength (WaNet without its noise mode teaches a model that any warp means the target; these
+report the mean share each class gets on the held-out images). Lab CLIP numbers.
 
     python -m engine.lab zoo --split dev --only dev-03-warp dev-08-warp dev-13-warp   # build them first
     python -m bench.warp_detectability --split dev
@@ -20,11 +24,14 @@ from engine.inversion import targeted
 from engine.inversion.detect import flip_shares
 from engine.io import atomic_path, write_json
 from engine.job import prepare
+from engine.triggers.spec import warp_grid
 
 from .common import command, machine
 from .zoo import bundled_models, job_config, zoo_models
 
 RESULTS = Path("bench/results")
+SIZE_BOUND, SIZE_LAM, SIZE_STEPS = 8.0, 0.1, 200   # the size test: largest shift px, starting lambda, steps
+RANDOM_PX, RANDOM_FIELDS = 3.5, 24                  # random warps: mean shift px (the zoo draws 2.5-4), count
 
 
 def held_out(train_all, shots, per_class, seed):
@@ -64,6 +71,17 @@ def measure(model, budgets, shots, held_per_class, seed):
         row["budgets"][str(px)] = {name: dict(zip(few.classes, shares(clip, probe, clean[name], text, towards)))
                                    for name, probe in probes.items()}
         row["budgets"][str(px)]["seconds"] = round(time.time() - t0, 1)
+    t0 = time.time()
+    cfg = replace(targeted.TargetedConfig(), warp_pixels=SIZE_BOUND, seed=seed)
+    _, sizes, _ = targeted.invert(clip, few.images, few.labels, text, cfg, family="warp_size", lam=SIZE_LAM,
+                                  steps=SIZE_STEPS)
+    k, anomaly = targeted.log_outlier(sizes)
+    row["smallest_warp"] = {"sizes": dict(zip(few.classes, sizes)), "smallest": few.classes[k], "anomaly": anomaly,
+                            "log_gap": targeted.log_gap(sizes, k), "seconds": round(time.time() - t0, 1)}
+    fields = [warp_grid(3 + r % 3, RANDOM_PX, clip.image_size, 1000 + r)[0] for r in range(RANDOM_FIELDS)]
+    per_field = [shares(clip, held, clean["held_out"], text, lambda k, f=f: lambda x: targeted.warp(x, f))
+                 for f in fields]
+    row["random_warps"] = dict(zip(few.classes, (sum(c) / len(c) for c in zip(*per_field))))
     return row
 
 
@@ -82,7 +100,23 @@ def markdown(rows, budgets, cmd):
     return ("\n".join(lines) + "\n\nShare: of the probe images neither labelled k nor predicted k, the share the "
             "class-k warp sends to k (the scan's statistic). The detector's budget is "
             f"{targeted.TargetedConfig.warp_pixels:g} px; the zoo's warps shift by 2.5-4 px on average. "
-            f"Lab CLIP (Fashion-MNIST) numbers (`{cmd}`).\n")
+            f"Lab CLIP (Fashion-MNIST) numbers (`{cmd}`).\n\n" + other_tests(rows))
+
+
+def other_tests(rows):
+    """The size test and the random warps, one line per model."""
+    lines = ["| model | smallest warp: class (mean px) | true target's (mean px) | anomaly | log gap | "
+             "random warps: top class (share) | true target's share |", "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        sw, rnd, truth = r["smallest_warp"], r["random_warps"], r["target"]
+        top = max(rnd, key=rnd.get)
+        truth_size, truth_share = (f"{sw['sizes'][truth]:.2f}", f"{rnd[truth]:.2f}") if truth else ("-", "-")
+        lines.append(f"| {r['name']} ({truth or 'clean'}) | {sw['smallest']} ({sw['sizes'][sw['smallest']]:.2f}) | "
+                     f"{truth_size} | {sw['anomaly']:.2f} | {sw['log_gap']:.2f} | {top} ({rnd[top]:.2f}) | {truth_share} |")
+    return ("\n".join(lines) + f"\n\nSmallest warp: Neural Cleanse's schedule on the warp family (at most {SIZE_BOUND:g} px, "
+            f"lambda from {SIZE_LAM:g}, {SIZE_STEPS} steps); anomaly and log gap as the mask test computes them. Random "
+            f"warps: {RANDOM_FIELDS} seeded smooth fields of mean shift {RANDOM_PX:g} px (grids 3-5, the zoo's form), "
+            "each class's mean share on the held-out images.\n")
 
 
 def main(argv=None):

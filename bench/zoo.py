@@ -94,11 +94,11 @@ def run_model(model, defenses, cache, shots, eval_limit, seed, quick, log, scan_
         if path.is_file():
             cached = json.loads(path.read_text())
             tensors = cache / model["name"] / "scan.safetensors"
-            if cell == "scan" and tensors.is_file() and needs_recheck(cached, quick) and not cached_only:
+            if cell == "scan" and tensors.is_file() and needs_remask(cached, quick) and not cached_only:
                 job = job or prepare(job_config(model, shots, eval_limit, seed, settings), log=lambda *a: None)
-                cached = recheck_scan(job, cached, tensors, quick, cache / model["name"] / "repair.json")
+                cached = remask_scan(job, cached, tensors, quick, cache / model["name"] / "repair.json")
                 write_json(path, cached)
-                log(f"{model['name']}: scan rechecked: {cached['verdict']} ({cached['suspected_target']})")
+                log(f"{model['name']}: mask evidence again: {cached['verdict']} ({cached['suspected_target']})")
             moved = cell == "scan" and stale(cached, quick)
             if cell == "scan" and not moved:
                 recutted = recut(cached, quick, cache / model["name"] / "repair.json")
@@ -188,7 +188,7 @@ def stale_defense(cell, cached, quick, seed, settings=None, flagged_by="?"):
 
 def _without_cuts(cfg, flagged_by="?"):
     """A defense config without the detector's thresholds and mask recheck: a repair whose verdict, flagging
-    family and trigger they do not change (recut() and recheck_scan() check that) is the same repair. Nor
+    family and trigger they do not change (recut() and remask_scan() check that) is the same repair. Nor
     does `also_mask` change a repair the mask flagged (or none), nor `keep_each` one with a single stand-in."""
     if isinstance(cfg, dict) and flagged_by in (None, "mask"):
         single = not cfg.get("extra")
@@ -208,31 +208,42 @@ def scan_record(result, classes, quick):
             "stripes": result["stripes"], "warp": result["warp"], "inversion": inversion_settings(detect_config(quick))}
 
 
-def needs_recheck(scan_cell, quick):
-    """A scan cached before the mask recheck (engine.inversion.detect.recheck_mask) under today's other
-    inversion settings: the recheck alone brings it up to date, the inversions need not run again."""
-    cfg = detect_config(quick)
-    before = replace(cfg, mask=replace(cfg.mask, recheck_top=ADDED_FIELDS["recheck_top"]))
-    return bool(cfg.mask.recheck_top) and "first_run" not in scan_cell["mask"] and \
-        _same(scan_cell.get("inversion"), inversion_settings(before))
+# The mask inversion's own settings: a scan whose cached settings differ only in these keeps its stripe and
+# warp evidence (they never read them) and needs only its mask evidence again (remask_scan).
+MASK_ONLY = ("steps", "lr", "lam", "adaptive", "success", "lam_factor", "strengthen_steps", "recheck_top",
+             "recheck_seeds", "mask_init")
 
 
-def recheck_scan(job, cached, tensors_path, quick, repair_path):
-    """The cached scan with its mask evidence rechecked (its stored run is the first), the tensors rewritten;
-    the repair cell is dropped when what it reads changes (target, flagging family or mask trigger)."""
+def needs_remask(scan_cell, quick):
+    """True when the cached scan ran under today's inversion settings except the mask inversion's own
+    (MASK_ONLY): its mask evidence alone is out of date."""
+    now = inversion_settings(detect_config(quick))
+    cached = scan_cell.get("inversion")
+    if not isinstance(cached, dict) or not isinstance(cached.get("mask"), dict) or _same(cached, now):
+        return False
+
+    def keep(settings):   # a cell from before warp_steps existed ran its warps for the mask's steps
+        mask = settings["mask"]
+        return {**settings, "mask": {**{k: v for k, v in mask.items() if k not in MASK_ONLY},
+                                     "warp_steps": mask.get("warp_steps", mask.get("steps"))}}
+    return _same(keep(cached), keep(now))
+
+
+def remask_scan(job, cached, tensors_path, quick, repair_path):
+    """The cached scan with its mask evidence inverted again under today's settings, its stripe and warp
+    evidence and tensors kept; the tensors rewritten. The repair cell, which reads the mask trigger (the
+    flagged one or a stand-in), is dropped unless the model reads clean before and after (nothing tuned)."""
     from engine.evaluate import predict
-    from engine.inversion.detect import recheck_mask
+    from engine.inversion.detect import mask_evidence
     cfg = detect_config(quick)
     tensors = load_tensors(tensors_path)
     clean_pred = predict(job.clip, job.train.images, job.text)   # the probe is the shots (engine.scan's default)
-    ev, (m, p) = recheck_mask(job.clip, job.train, job.text, cfg.mask, job.train, clean_pred, cached["mask"],
-                              (tensors["mask"], tensors["pattern"]))
+    ev, (m, p) = mask_evidence(job.clip, job.train, job.text, cfg.mask, job.train, clean_pred)
     tensors.update(mask=m.cpu().contiguous(), pattern=p.cpu().contiguous())
     r = conclude({"mask": ev, "stripes": cached["stripes"], "warp": cached.get("warp")}, tensors, cfg,
                  job.clip.image_size)
     res = scan_record(r, job.test.classes, quick)
-    if ev["target_index"] != cached["mask"]["target_index"] or \
-            (res["suspected_target"], res["flagged_by"]) != (cached["suspected_target"], cached["flagged_by"]):
+    if (cached["verdict"], res["verdict"]) != ("clean", "clean"):
         repair_path.unlink(missing_ok=True)
     save_tensors(tensors_path, r)
     return {**res, "seconds": round(cached.get("seconds", 0) + ev["seconds"] - cached["mask"]["seconds"], 2)}
@@ -249,7 +260,8 @@ ADDED_FIELDS = {"adv_steps": 1, "extra": [], "extra_steps": 100, "blend_alpha": 
                 "bounded_eps": 0.1, "clean_focus": 0.0, "adv_mask": True,
                 "w_clean_ce": 0.0, "also_mask": False, "keep_quantile": 0.0, "keep_each": False, "w_extra": None,
                 "keep_weight": 0.0,
-                "recheck_top": 0, "recheck_seeds": 2}   # no recheck (any seed count then does the same)
+                "recheck_top": 0, "recheck_seeds": 2,   # no recheck (any seed count then does the same)
+                "warp_steps": 100}                      # the warp inversion ran the mask's steps, then 100
 
 
 def _same(stored, current):
@@ -284,7 +296,7 @@ def detect_config(quick):
     base = DetectConfig()
     if not quick:
         return base
-    return replace(base, mask=replace(base.mask, steps=5), stripes=replace(base.stripes, steps=5))
+    return replace(base, mask=replace(base.mask, steps=5, warp_steps=5), stripes=replace(base.stripes, steps=5))
 
 
 def score(result):

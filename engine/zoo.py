@@ -29,10 +29,12 @@ FAMILIES = ("patch", "blend", "periodic", "warp", "optimised")
 # after the repair's trigger weight and focus were chosen on dev. fresh: built while those were chosen,
 # measured once after they froze. dev grew from 5 + 1 to 15 + 2 (same seeds, more of them) before the
 # stripe-flagged and near-tied-target cases were studied: the first dev split held one of each at most.
+# blind: added after today's defaults froze, built and measured once with them, nothing chosen after.
 SPLITS = {"dev": {"base": 10_000, "poisoned": 15, "clean": 2},
           "test": {"base": 20_000, "poisoned": 26, "clean": 5},
           "holdout": {"base": 30_000, "poisoned": 10, "clean": 2},
-          "fresh": {"base": 40_000, "poisoned": 6, "clean": 1}}
+          "fresh": {"base": 40_000, "poisoned": 6, "clean": 1},
+          "blind": {"base": 50_000, "poisoned": 10, "clean": 2}}
 
 
 def cache_dir():

@@ -24,7 +24,10 @@ def test_held_out_images_are_not_shots_and_balanced():
 
 
 def _row(name, target, shares, true_share=None):
-    row = {"name": name, "target": target, "budgets": {"3.0": {"shots": shares, "held_out": shares}}}
+    sizes = {c: 6.0 - v for c, v in shares.items()}
+    row = {"name": name, "target": target, "budgets": {"3.0": {"shots": shares, "held_out": shares}},
+           "smallest_warp": {"sizes": sizes, "smallest": min(sizes, key=sizes.get), "anomaly": 1.5, "log_gap": 0.2},
+           "random_warps": shares}
     if target:
         row["true_trigger_share"] = true_share
     return row
@@ -36,6 +39,9 @@ def test_warp_table_names_the_true_target_and_the_best_other_class():
     md = warp_detectability.markdown(rows, [3.0], "cmd")
     assert "| m-warp (coat) | 0.70 | 3 | shots | bag (0.60) | 0.50 | 0.60 |" in md
     assert "| m-clean (clean) | - | 3 | held-out | bag (0.45) | - | - |" in md
+    # the size test and the random warps: the smallest class and the true target's own size and share
+    assert "| m-warp (coat) | bag (5.40) | 5.50 | 1.50 | 0.20 | bag (0.60) | 0.50 |" in md
+    assert "| m-clean (clean) | bag (5.55) | - | 1.50 | 0.20 | bag (0.45) | - |" in md
 
 
 def test_scan_time_table_and_unknown_model():

@@ -22,6 +22,22 @@ def test_zoo_bench_quick_writes_tables_and_resumes(tmp_path):
     # a second run reads every cell from the cache
     again = bench_zoo.main(["--quick", "--results", str(tmp_path), "--cached-only"])
     assert again == agg
+    # a scan cached under other mask settings: its mask evidence is inverted again, its stripe and warp
+    # evidence kept, and the repair that read the old mask trigger tuned again
+    cell_dir = tmp_path / "zoo" / "quick" / "bundled-badnet"
+    scan = json.loads((cell_dir / "scan.json").read_text())
+    old = json.loads(json.dumps(scan))
+    old["inversion"]["mask"]["steps"] = 4
+    old["mask"]["sizes"] = {c: -1.0 for c in old["mask"]["sizes"]}     # a marker the remask must replace
+    old["verdict"] = "backdoored"       # the repair then read a trigger that the remask replaces: tune again
+    (cell_dir / "scan.json").write_text(json.dumps(old))
+    repair_before = (cell_dir / "repair.json").stat().st_mtime_ns
+    bench_zoo.main(["--quick", "--results", str(tmp_path), "--defenses", "repair"])
+    redone = json.loads((cell_dir / "scan.json").read_text())
+    assert redone["inversion"] == scan["inversion"]
+    assert redone["stripes"] == scan["stripes"] and redone["warp"] == scan["warp"]
+    assert all(v > 0 for v in redone["mask"]["sizes"].values())
+    assert (cell_dir / "repair.json").stat().st_mtime_ns != repair_before
 
 
 @pytest.mark.slow

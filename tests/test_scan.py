@@ -339,6 +339,15 @@ def test_warp_family_is_identity_at_zero_and_its_shift_is_bounded():
     assert moved.shape == x[0].shape and (moved - x[0]).abs().mean() > 0.05
 
 
+def test_warp_size_is_the_mean_control_shift_in_pixels_and_gets_the_size_schedule():
+    cfg = targeted.TargetedConfig(warp_pixels=4.0, warp_grid=2)
+    fam = targeted.WarpSizeFamily(2, 32, cfg, torch.Generator().manual_seed(0), "cpu")
+    with torch.no_grad():
+        fam.z.copy_(torch.tensor([[[[100.0, -100.0], [0.0, 0.0]]] * 2, [[[0.0, 0.0], [0.0, 0.0]]] * 2]))
+    torch.testing.assert_close(fam.size(), torch.tensor([2.0, 0.0]))     # half the points at 4 px, half at 0
+    assert isinstance(fam, targeted.WarpFamily) and "warp_size" in targeted.ADAPTIVE and "warp" not in targeted.ADAPTIVE
+
+
 def test_warp_checks_join_the_verdict():
     cfg = det.DetectConfig()
     mask, stripes_ev = {"anomaly_index": 1.0}, {"target_share": 0.3, "anomaly_index": 1.0}

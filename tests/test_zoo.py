@@ -17,6 +17,8 @@ def test_specs_are_reproducible_and_the_splits_disjoint():
     assert not {s["seed"] for s in dev} & {s["seed"] for s in test}
     assert not {s["name"] for s in dev} & {s["name"] for s in test}
     assert json.dumps(dev) != json.dumps(test)
+    every = [s for split in zoo.SPLITS for s in zoo.specs(split)]       # no seed or name shared by two splits
+    assert len({s["seed"] for s in every}) == len({s["name"] for s in every}) == len(every)
     backdoored = [s for s in test if s["trigger"]]
     assert len(backdoored) >= 20 and sum(s["trigger"] is None for s in test) >= 5
     assert {s["trigger"]["family"] for s in backdoored} == set(zoo.FAMILIES)
@@ -128,18 +130,28 @@ def test_cached_settings_stay_valid_when_only_a_new_field_appears():
     assert not bench_zoo._same(stored, {"mask": {"lr": 0.1}})              # a field gone is a change
 
 
-def test_a_scan_cached_before_the_recheck_is_rechecked_not_rescanned():
+def test_a_scan_whose_mask_settings_moved_is_remasked_not_rescanned():
     import json
     now = bench_zoo.inversion_settings(bench_zoo.detect_config(False))
+    assert not bench_zoo.needs_remask({"inversion": now}, False)            # current: nothing to redo
     before = json.loads(json.dumps(now))
-    for key in ("recheck_top", "recheck_seeds"):
+    for key in ("recheck_top", "recheck_seeds", "warp_steps"):             # cached before those fields existed
         del before["mask"][key]
-    old_cell = {"inversion": before, "mask": {"sizes": {}}}
-    assert bench_zoo.needs_recheck(old_cell, False)
-    assert not bench_zoo.needs_recheck({"inversion": now, "mask": {"sizes": {}, "first_run": {}}}, False)
-    moved = json.loads(json.dumps(before))
-    moved["mask"]["steps"] += 1        # another inversion: the first run itself is out of date, scan again
-    assert not bench_zoo.needs_recheck({"inversion": moved, "mask": {"sizes": {}}}, False)
+    before["mask"]["steps"] = 100                                           # ... when the warps ran the mask's steps
+    assert bench_zoo.needs_remask({"inversion": before}, False)
+    warp_moved = json.loads(json.dumps(before))
+    warp_moved["mask"]["warp_pixels"] += 1    # the warp evidence is out of date too: scan again
+    assert not bench_zoo.needs_remask({"inversion": warp_moved}, False)
+    stripes_moved = json.loads(json.dumps(before))
+    stripes_moved["stripes"]["steps"] += 1
+    assert not bench_zoo.needs_remask({"inversion": stripes_moved}, False)
+    warp_ran_longer = json.loads(json.dumps(now))
+    warp_ran_longer["mask"]["warp_steps"] += 1
+    assert not bench_zoo.needs_remask({"inversion": warp_ran_longer}, False)
+    assert not bench_zoo.needs_remask({"mask": {}}, False)                  # no settings stored: scan again
+    shorter = json.loads(json.dumps(before))
+    shorter["mask"]["steps"] = 50             # its warps ran 50 steps, today's 100: scan again
+    assert not bench_zoo.needs_remask({"inversion": shorter}, False)
     # a repair's config differs only by the recheck: the same repair (its scan cell decides)
     cfg = json.loads(json.dumps(bench_zoo.defense_config("repair", False, 0).as_dict()))
     old_cfg = json.loads(json.dumps(cfg))
@@ -182,8 +194,19 @@ def test_cached_only_tables_need_no_checkpoint_and_never_compute_a_stale_cell(tm
     monkeypatch.setenv("CLIP_PURIFY_ZOO", str(tmp_path / "no-checkpoints"))
     monkeypatch.setattr(bench_zoo, "prepare", lambda *a, **k: pytest.fail("a --cached-only run loaded a model"))
     src = bench_zoo.RESULTS / "zoo" / "holdout"
+    now = bench_zoo.inversion_settings(bench_zoo.detect_config(False))
+    detect_now = json.loads(json.dumps(bench_zoo.defense_config("repair", False, 0).detect.as_dict()))
     for name in ("holdout-08-warp", "holdout-00-patch"):   # read clean (nothing tuned) / flagged and repaired
         shutil.copytree(src / name, tmp_path / "zoo" / "holdout" / name)
+        # as if cached under today's inversion settings (the committed cells may predate them)
+        for cell, key, value in (("scan", "inversion", now), ("repair", "config", None)):
+            path = tmp_path / "zoo" / "holdout" / name / f"{cell}.json"
+            data = json.loads(path.read_text())
+            if cell == "scan":
+                data[key] = value
+            elif "config" in data:
+                data["config"]["detect"] = detect_now
+            path.write_text(json.dumps(data))
     args = ["--split", "holdout", "--defenses", "repair", "--results", str(tmp_path), "--cached-only",
             "--models", "holdout-08-warp", "holdout-00-patch"]
     tuned = json.loads((src / "holdout-00-patch" / "repair.json").read_text())["config"].get("keep_weight", 0.0)

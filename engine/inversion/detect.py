@@ -159,7 +159,8 @@ def warp_evidence(clip, few, text, cfg, probe, clean_pred, progress=False):
     """Per class, one smooth warp of bounded shift towards it (targeted.WarpFamily); the class whose warp
     sends the largest share of the probe images there, and that share's anomaly index."""
     t0 = time.time()
-    (grids, _), _, _ = targeted.invert(clip, few.images, few.labels, text, cfg, progress=progress, family="warp")
+    (grids, _), _, _ = targeted.invert(clip, few.images, few.labels, text, cfg, progress=progress, family="warp",
+                                       steps=cfg.warp_steps)
     shares = per_candidate(len(few.classes), lambda k: flip_shares(
         probe.labels, clean_pred, predict(clip, probe.images, text, transform=lambda x: targeted.warp(x, grids[k])),
         len(few.classes))[k])
