@@ -63,6 +63,17 @@ def latency_stats(seconds, batch):
     return {"p50_ms": p50, "p95_ms": p95, "images_per_s": 1000.0 * batch / p50, "reps": len(ms)}
 
 
+def write_results(out, payload, md):
+    """`out`.json (payload) and `out`.md (md), each written whole or not at all; md printed."""
+    from pathlib import Path
+
+    from engine.io import atomic_path, write_json
+    write_json(str(out) + ".json", payload)
+    with atomic_path(Path(str(out) + ".md")) as tmp:
+        tmp.write_text(md)
+    print(md)
+
+
 def command(module, argv):
     """The command line that reproduces a benchmark run."""
     return " ".join(["python -m", module, *(sys.argv[1:] if argv is None else argv)])

@@ -9,17 +9,15 @@ Shows whether the lab models have the RVPT paper's premise (a backdoored model's
 perturbations more than a clean model's). Writes bench/results/resistivity.json and .md."""
 import argparse
 import time
-from pathlib import Path
 
 from engine import data as D
 from engine import diagnostics
 from engine.job import JobConfig, prepare
 from engine.defenses import repair
-from engine.io import atomic_path, write_json
 from engine.models import bundled_checkpoint, load_model
 from engine.triggers import make_trigger
 
-from .common import command, machine
+from .common import command, machine, write_results
 
 
 def rows_of(name, pr):
@@ -57,12 +55,8 @@ def main(argv=None):
         pr = diagnostics.resistivity(job.clip, test.images, diagnostics.perturbations(trigger), prompts=res["prompts"])
         rows += rows_of("badnet, repaired", pr)
     cmd = command("bench.resistivity", argv)
-    write_json(args.out + ".json", {"command": cmd, "machine": machine(), "images": n, "quick": args.quick,
-                                    "seconds": round(time.time() - t0, 1), "rows": rows})
-    md = markdown(rows, cmd)
-    with atomic_path(Path(args.out + ".md")) as tmp:
-        tmp.write_text(md)
-    print(md)
+    write_results(args.out, {"command": cmd, "machine": machine(), "images": n, "quick": args.quick,
+                             "seconds": round(time.time() - t0, 1), "rows": rows}, markdown(rows, cmd))
 
 
 if __name__ == "__main__":

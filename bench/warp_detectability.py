@@ -22,11 +22,10 @@ from engine import data as D
 from engine.evaluate import predict
 from engine.inversion import targeted
 from engine.inversion.detect import flip_shares
-from engine.io import atomic_path, write_json
 from engine.job import prepare
 from engine.triggers.spec import warp_grid
 
-from .common import command, machine
+from .common import command, machine, write_results
 from .zoo import bundled_models, job_config, zoo_models
 
 RESULTS = Path("bench/results")
@@ -136,11 +135,8 @@ def main(argv=None):
         rows.append(measure(m, args.budgets, args.shots, args.held_out, args.seed))
         print(m["name"], "done", flush=True)
     cmd = command("bench.warp_detectability", argv)
-    write_json(args.out + ".json", {"command": cmd, "machine": machine(), "budgets": args.budgets, "models": rows})
-    md = markdown(rows, args.budgets, cmd)
-    with atomic_path(Path(args.out + ".md")) as tmp:
-        tmp.write_text(md)
-    print(md)
+    write_results(args.out, {"command": cmd, "machine": machine(), "budgets": args.budgets, "models": rows},
+                  markdown(rows, args.budgets, cmd))
 
 
 if __name__ == "__main__":

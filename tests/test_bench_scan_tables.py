@@ -54,3 +54,42 @@ def test_scan_time_table_and_unknown_model():
     assert "Median 100 s, max 110 s" in md
     with pytest.raises(SystemExit, match="not a bundled lab model"):
         scan_time.main(["--models", "no-such-model"])
+
+
+def test_gate_cost_table_and_unbuilt_models():
+    from bench import gate_cost
+    row = {"name": "m", "target": "trouser", "ca_before": 80.0, "ca_after": 72.5, "asr_after": 0.0, "cut": 0.87,
+           "own_read_k": 184, "triggered_read_k": 300, "own_median": 0.72, "real_q95": 0.63, "own_kept": 5.4,
+           "real_kept": 0.0, "hindsight_cut": 0.65, "own_kept_hindsight": 79.3, "real_kept_hindsight": 3.3}
+    md = gate_cost.markdown([row, {**row, "name": "n", "cut": 0.93}], "cmd")
+    assert "| m | trouser | 7.50 | 0.870 | 184 | 5.4% | 0.630 | 0.720 | 0.650 | 79.3% | 3.3% |" in md
+    assert "0.270 (median) above" in md                     # (0.24 + 0.30) / 2
+    with pytest.raises(SystemExit, match="not built"):
+        gate_cost.main(["--split", "blind", "--models", "no-such-model"])
+
+
+def test_cosines_read_only_the_images_the_frozen_model_puts_in_k():
+    from bench import gate_cost
+
+    class Clip:   # features are the images' first 2 pixels; class 0 where the first is larger
+        device = "cpu"
+
+        def normalise(self, x):
+            return x
+
+        def encode_image(self, x):
+            return x.flatten(1)[:, :2]
+    x = torch.tensor([[3.0, 1.0], [1.0, 3.0], [2.0, 1.0]]).view(3, 1, 1, 2)
+    text = torch.eye(2)
+    turned = lambda z: z.flatten(1)[:, :2].flip(1)   # noqa: E731  the prompts swap the two features
+    cos = gate_cost.cosines(Clip(), turned, x, text, 0)
+    torch.testing.assert_close(cos, torch.tensor([0.6, 0.8]))   # images 0 and 2 only: cos of (3,1)/(1,3), (2,1)/(1,2)
+
+
+def test_write_results_writes_both_files_whole(tmp_path, capsys):
+    import json
+    from bench.common import write_results
+    write_results(tmp_path / "r", {"rows": [1, 2]}, "| a |\n")
+    assert json.loads((tmp_path / "r.json").read_text()) == {"rows": [1, 2]}
+    assert (tmp_path / "r.md").read_text() == "| a |\n" and "| a |" in capsys.readouterr().out
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r.json", "r.md"]     # no temp file left behind
