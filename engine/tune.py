@@ -82,6 +82,9 @@ def parse_args(argv=None):
                    help="repair: > 0: the gate's keep cut minimises the CA its prompts would cost the target "
                         "class's shots plus this weight x the stand-in triggers' ASR it would leave (0: the "
                         "--keep-quantile cut alone; default RepairConfig's)")
+    t.add_argument("--keep-from", choices=["all", "flagged"], default=None,
+                   help="repair: the stand-in triggers whose shots the keep cut reads: all, or the flagged "
+                        "family's alone (default RepairConfig's)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", help="cpu, cuda or auto")
     p.add_argument("--precision", default="fp32", choices=P.CHOICES,
@@ -106,7 +109,8 @@ def defense_config(args):
     cfg = purify.config(args.defense, args.model, epochs=args.epochs, lr=args.lr, batch=args.batch, seed=args.seed,
                         augment=args.augment, alpha=args.alpha, margin=args.margin, tokens=args.prompt_tokens,
                         start=args.prompt_start)
-    gate = {k: v for k, v in (("keep_quantile", args.keep_quantile), ("keep_weight", args.keep_weight)) if v is not None}
+    gate = {k: v for k, v in (("keep_quantile", args.keep_quantile), ("keep_weight", args.keep_weight),
+                              ("keep_from", args.keep_from)) if v is not None}
     return dataclasses.replace(cfg, **gate) if gate else cfg
 
 
@@ -178,7 +182,7 @@ def check_args(args):
             raise UserError(f"--{flag.replace('_', '-')} must be at least 1, not {value}")
     if args.lr is not None and not args.lr > 0:
         raise UserError(f"--lr must be positive, not {args.lr}")
-    for flag in ("keep_quantile", "keep_weight"):
+    for flag in ("keep_quantile", "keep_weight", "keep_from"):
         if getattr(args, flag) is not None and args.defense != "repair":
             raise UserError(f"--{flag.replace('_', '-')} is the repair's gate rule; --defense {args.defense} has no gate")
     if args.keep_weight is not None and not args.keep_weight >= 0:

@@ -389,3 +389,24 @@ def test_w_extra_weighs_each_extra_stand_in_on_its_own(lab):
     assert muted == pytest.approx(one, rel=1e-4)      # an extra at weight 0 changes nothing
     assert twice == pytest.approx(one, rel=1e-4)      # averaged (w_extra None): the same term twice is the term
     assert summed != pytest.approx(one, rel=1e-3)     # at its own weight it adds to the first
+
+
+@pytest.mark.parametrize("keep_from,n_read", [("all", 2), ("flagged", 1)])
+def test_keep_cut_reads_every_stand_in_or_the_flagged_familys_alone(lab, monkeypatch, keep_from, n_read):
+    clip, few, text = lab
+    m, p = torch.zeros(1, 32, 32), torch.rand(3, 32, 32, generator=torch.Generator().manual_seed(0))
+    m[:, 26:30, 26:30] = 1.0
+    found = {"verdict": "backdoored", "flagged_by": "mask", "suspected_target": 8, "mask_trigger": (m, p), "trigger": None,
+             "mask": {"target_index": 8}}
+    read = []
+    monkeypatch.setattr(repair, "keep_threshold", lambda *a, **k: read.append(len(a[4])) or 0.5)
+    cfg = repair.RepairConfig(epochs=1, batch=8, extra_steps=2, keep_from=keep_from)
+    res = repair.tune(clip, few, text, cfg, progress=False, detection=found)
+    assert read == [n_read] and res["keep"] == 0.5
+
+
+def test_an_unknown_keep_from_fails_before_any_work(lab):
+    from engine.errors import UserError
+    clip, few, text = lab
+    with pytest.raises(UserError, match="keep_from 'some'"):
+        repair.tune(clip, few, text, repair.RepairConfig(keep_from="some"), progress=False, detection=None)

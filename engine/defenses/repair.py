@@ -45,6 +45,9 @@ class RepairConfig:
     keep_each: bool = False      # with more than one stand-in, the cut holds for each: the largest of their
                                  # quantiles (else one quantile over all their shots; at 0.99 the two measured
                                  # alike on the dev models both ran on)
+    keep_from: str = "all"       # whose triggered shots the keep cut reads: "all" stand-ins, or "flagged" (the
+                                 # flagged family's alone; the others still train the prompts). Tried on dev and
+                                 # not adopted: bench/results/sweeps/repair_dev_keep_from.md
     refine_steps: int = 0        # tighten a mask trigger alone with a larger mask penalty before the repair
     refine_lam_factor: float = 4.0
     occluded_target: bool = False  # stamped triggers: distil T(x) towards f(x with the region noise-filled)
@@ -189,6 +192,8 @@ def tune(clip, train, text, cfg, backend="shared", progress=True, log=None, dete
     """Returns {'prompts' (None if nothing was tuned), 'detection' (engine.inversion.detect's), 'history',
     'keep' (the gate's keep cosine, keep_threshold's; None when off)}.
     `detection`: detect()'s result on these shots with cfg.detect, if already computed (engine.scan's)."""
+    if cfg.keep_from not in ("all", "flagged"):
+        raise UserError(f"repair keep_from '{cfg.keep_from}': use all or flagged")
     found = detection or det.detect(clip, train, text, cfg.detect, progress=progress, log=log)
     if found["verdict"] == "clean" and not cfg.always:
         return {"prompts": None, "detection": found, "history": [], "keep": None}
@@ -221,7 +226,8 @@ def tune(clip, train, text, cfg, backend="shared", progress=True, log=None, dete
                                     focus=(text.to(clip.device), found["suspected_target"]))
     if isinstance(trigger, AdversarialTrigger) and found["flagged_by"] in (None, "mask"):
         found["adversarial_mask_size"] = trigger.fam.size().item()
-    keep = keep_threshold(clip, prompts, backend, train.images, triggers, text, found["suspected_target"],
+    cut_from = triggers if cfg.keep_from == "all" else triggers[:1]
+    keep = keep_threshold(clip, prompts, backend, train.images, cut_from, text, found["suspected_target"],
                           cfg.keep_quantile, cfg.keep_each, labels=train.labels, weight=cfg.keep_weight) \
         if cfg.gate and (cfg.keep_quantile or cfg.keep_weight) else None
     return {"prompts": prompts, "detection": found, "history": history, "keep": keep}

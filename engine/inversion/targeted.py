@@ -219,7 +219,8 @@ def invert(clip, images, labels, text, cfg, classes=None, progress=False, encode
     s, K, B = images.shape[-1], len(classes), cfg.batch
     fam = FAMILIES[family](K, s, cfg, g, dev, init)
     lam = lam if lam is not None else {"mask": cfg.lam, "additive": cfg.lam_additive}.get(family, 0.0)
-    opt = torch.optim.Adam(fam.params, lr={"additive": cfg.lr_additive, "warp": cfg.lr_warp, "warp_size": cfg.lr_warp}.get(family, cfg.lr))
+    lr = {"additive": cfg.lr_additive, "warp": cfg.lr_warp, "warp_size": cfg.lr_warp}.get(family, cfg.lr)
+    opt = torch.optim.Adam(fam.params, lr=lr)
     target = torch.tensor(classes, device=dev).repeat_interleave(B)
     adaptive = cfg.adaptive and family in ADAPTIVE and init is None
     lam = torch.full((K,), float(lam), device=dev)
