@@ -8,11 +8,12 @@ The hindsight cut is balanced_cut on those test cosines, same weight: what a per
     python -m engine.lab zoo --split blind            # build the models first
     python -m bench.gate_cost --split blind --models blind-02-periodic blind-09-optimised
 
-Reads each model's cached scan cell (bench.zoo's), runs the repair with its defaults once, and writes
+Reads each model's cached scan and no-defense cells (bench.zoo's), runs the repair with its defaults once, and writes
 bench/results/gate_cost.json and .md. Lab CLIP numbers."""
 import argparse
 import json
 import statistics
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -21,8 +22,8 @@ import torch.nn.functional as F
 from engine.defenses.repair import balanced_cut
 from engine.evaluate import features
 from engine.inversion.detect import conclude
-from engine.job import defend, measure, prepare
-from engine.purify import _encoder
+from engine.job import defend, prepare
+from engine.purify import tuned_view
 
 from .common import command, machine, write_results
 from .zoo import RESULTS, defense_config, detect_config, job_config, load_tensors, zoo_models
@@ -36,18 +37,18 @@ def cosines(clip, prompted, images, text, k):
 
 
 def measure_model(model, cache, seed):
-    job = prepare(job_config(model, 16, 2000, seed), log=lambda *a: None)
-    scan = json.loads((cache / model["name"] / "scan.json").read_text())
-    if scan["verdict"] != "backdoored":
+    cells = cache / model["name"]
+    scan = json.loads((cells / "scan.json").read_text())
+    if scan["verdict"] != "backdoored":   # nothing is tuned on a model read clean: no model to load
         return None
-    job.detection = conclude(scan, load_tensors(cache / model["name"] / "scan.safetensors"), detect_config(False),
-                             job.clip.image_size)
-    before = measure(job)
+    before = json.loads((cells / "none.json").read_text())   # bench.zoo's no-defense cell, same job
+    job = prepare(job_config(model, 16, 2000, seed), log=lambda *a: None)
+    job.detection = conclude(scan, load_tensors(cells / "scan.safetensors"), detect_config(False), job.clip.image_size)
     cfg = defense_config("repair", False, seed)
     tuned = defend(job, "repair", cfg)
     k, cut, text = tuned.gate, tuned.gate_keep, job.text.to(job.clip.device)
-    prompted = _encoder(tuned.prompts, tuned.backend, job.clip)
     test = job.test
+    _, prompted, _ = tuned_view(replace(tuned, gate=None), job.clip, job.text, test.classes, job.templates)  # ungated
     own = cosines(job.clip, prompted, test.images[test.labels == k], text, k)
     others = test.images[test.labels != k]
     real = cosines(job.clip, prompted, job.trigger(others.to(job.clip.device)), text, k)

@@ -199,14 +199,12 @@ def test_cached_only_tables_need_no_checkpoint_and_never_compute_a_stale_cell(tm
     for name in ("holdout-08-warp", "holdout-00-patch"):   # read clean (nothing tuned) / flagged and repaired
         shutil.copytree(src / name, tmp_path / "zoo" / "holdout" / name)
         # as if cached under today's inversion settings (the committed cells may predate them)
-        for cell, key, value in (("scan", "inversion", now), ("repair", "config", None)):
-            path = tmp_path / "zoo" / "holdout" / name / f"{cell}.json"
-            data = json.loads(path.read_text())
-            if cell == "scan":
-                data[key] = value
-            elif "config" in data:
-                data["config"]["detect"] = detect_now
-            path.write_text(json.dumps(data))
+        scan_path, repair_path = (tmp_path / "zoo" / "holdout" / name / f"{c}.json" for c in ("scan", "repair"))
+        scan_path.write_text(json.dumps({**json.loads(scan_path.read_text()), "inversion": now}))
+        tuned_cell = json.loads(repair_path.read_text())
+        if "config" in tuned_cell:
+            tuned_cell["config"]["detect"] = detect_now
+            repair_path.write_text(json.dumps(tuned_cell))
     args = ["--split", "holdout", "--defenses", "repair", "--results", str(tmp_path), "--cached-only",
             "--models", "holdout-08-warp", "holdout-00-patch"]
     tuned = json.loads((src / "holdout-00-patch" / "repair.json").read_text())["config"].get("keep_weight", 0.0)
