@@ -4,9 +4,13 @@ from stand-in triggers; here, on the test images the frozen model reads as the s
 compared with the cosines cos(prompted, frozen feature) of the target class's own images (whose frozen
 answer the cut should keep) and of images carrying the REAL trigger (whose answer it must not keep).
 The hindsight cut is balanced_cut on those test cosines, same weight: what a perfect stand-in would give.
+The frontier: the gated model's CA and ASR on the test images at every cut of a grid (the prompts stay the
+ones tuned), and the least CA drop any cut reaches with ASR <= --asr-budget: what no choice of cut can beat.
+--set FIELD=VALUE tunes the repair with other settings (bench.zoo's --set), to see whether they move it.
 
     python -m engine.lab zoo --split blind            # build the models first
     python -m bench.gate_cost --split blind --models blind-02-periodic blind-09-optimised
+    python -m bench.gate_cost --split dev --models dev-07-periodic --set w_clean_ce=1 --out /tmp/gate_ce
 
 Reads each model's cached scan and no-defense cells (bench.zoo's), runs the repair with its defaults once, and writes
 bench/results/gate_cost.json and .md. Lab CLIP numbers."""
@@ -26,7 +30,9 @@ from engine.job import defend, prepare
 from engine.purify import tuned_view
 
 from .common import command, machine, write_results
-from .zoo import RESULTS, defense_config, detect_config, job_config, load_tensors, zoo_models
+from .zoo import RESULTS, _setting, bundled_models, defense_config, detect_config, job_config, load_tensors, zoo_models
+
+CUTS = torch.linspace(0.5, 1.0, 101)   # the frontier's grid (cosines below 0.5: the prompts answer nearly all)
 
 
 def cosines(clip, prompted, images, text, k):
@@ -36,7 +42,28 @@ def cosines(clip, prompted, images, text, k):
     return F.cosine_similarity(zp[hit], zf[hit], dim=-1).cpu()
 
 
-def measure_model(model, cache, seed):
+def gated_rates(frozen, prompted, cos, labels, target, k, cut):
+    """CA and ASR % of the gated model at keep cut `cut`, from per-image frozen and prompted predictions and
+    cosines: (clean, triggered) pairs of each. The prompts answer where the frozen model says k and cos < cut."""
+    (fc, ft), (pc, pt), (cc, ct) = frozen, prompted, cos
+    clean = torch.where((fc == k) & (cc < cut), pc, fc)
+    trig = torch.where((ft == k) & (ct < cut), pt, ft)
+    other = labels != target
+    return 100 * (clean == labels).float().mean().item(), 100 * (trig[other] == target).float().mean().item()
+
+
+def least_drop(points, ca_before, budget):
+    """(CA drop, cut) of the frontier point with the least CA drop among those with ASR <= budget; None if none."""
+    ok = [(ca_before - ca, cut) for cut, ca, asr in points if asr <= budget]
+    return min(ok) if ok else None
+
+
+def _predictions(clip, prompted, images, text, transform=None):
+    zf, zp = features(clip, images, transform=transform), features(clip, images, prompted, transform=transform)
+    return (zf @ text.t()).argmax(1).cpu(), (zp @ text.t()).argmax(1).cpu(), F.cosine_similarity(zp, zf, dim=-1).cpu()
+
+
+def measure_model(model, cache, seed, settings=None, budget=2.0):
     cells = cache / model["name"]
     scan = json.loads((cells / "scan.json").read_text())
     if scan["verdict"] != "backdoored":   # nothing is tuned on a model read clean: no model to load
@@ -44,7 +71,7 @@ def measure_model(model, cache, seed):
     before = json.loads((cells / "none.json").read_text())   # bench.zoo's no-defense cell, same job
     job = prepare(job_config(model, 16, 2000, seed), log=lambda *a: None)
     job.detection = conclude(scan, load_tensors(cells / "scan.safetensors"), detect_config(False), job.clip.image_size)
-    cfg = defense_config("repair", False, seed)
+    cfg = defense_config("repair", False, seed, settings)
     tuned = defend(job, "repair", cfg)
     k, cut, text = tuned.gate, tuned.gate_keep, job.text.to(job.clip.device)
     test = job.test
@@ -53,27 +80,42 @@ def measure_model(model, cache, seed):
     others = test.images[test.labels != k]
     real = cosines(job.clip, prompted, job.trigger(others.to(job.clip.device)), text, k)
     hindsight = balanced_cut(real, own, len(text), cfg.keep_weight)
+    (fc, pc, cc), (ft, pt, ct) = (_predictions(job.clip, prompted, test.images, text, t) for t in (None, job.trigger))
+    at = lambda c: gated_rates((fc, ft), (pc, pt), (cc, ct), test.labels, job.target, k, c)   # noqa: E731
+    points = [(c, *at(c)) for c in CUTS.tolist()]
+    best = least_drop(points, before["ca"], budget)
     kept = lambda c, at: round(100 * (c >= at).float().mean().item(), 1) if len(c) else None   # noqa: E731
     return {"name": model["name"], "target": test.classes[k], "ca_before": before["ca"], "ca_after": tuned.after["ca"],
             "asr_after": tuned.after["asr"], "cut": cut, "own_read_k": len(own), "triggered_read_k": len(real),
             "own_median": own.median().item(), "real_q95": torch.quantile(real, 0.95).item() if len(real) else None,
             "own_kept": kept(own, cut), "real_kept": kept(real, cut), "hindsight_cut": hindsight,
-            "own_kept_hindsight": kept(own, hindsight), "real_kept_hindsight": kept(real, hindsight)}
+            "own_kept_hindsight": kept(own, hindsight), "real_kept_hindsight": kept(real, hindsight),
+            "settings": settings or {}, "asr_budget": budget, "frontier": points,
+            "frontier_ca_drop": best and best[0], "frontier_cut": best and best[1]}
 
 
-def markdown(rows, cmd):
+def markdown(rows, cmd, budget):
     lines = ["| model | target | CA drop | cut | own images read k | kept at cut | real-trigger cos q95 | own cos median | "
-             "hindsight cut | own kept (hindsight) | triggered kept (hindsight) |", "|---" * 11 + "|"]
+             "hindsight cut | own kept (hindsight) | triggered kept (hindsight) | least CA drop at ASR <= budget "
+             "(its cut) |", "|---" * 12 + "|"]
     for r in rows:
         lines.append(f"| {r['name']} | {r['target']} | {r['ca_before'] - r['ca_after']:.2f} | {r['cut']:.3f} | "
                      f"{r['own_read_k']} | {r['own_kept']}% | {r['real_q95']:.3f} | {r['own_median']:.3f} | "
-                     f"{r['hindsight_cut']:.3f} | {r['own_kept_hindsight']}% | {r['real_kept_hindsight']}% |")
+                     f"{r['hindsight_cut']:.3f} | {r['own_kept_hindsight']}% | {r['real_kept_hindsight']}% | "
+                     + (f"{r['frontier_ca_drop']:.2f} ({r['frontier_cut']:.3f}) |" if r.get("frontier_ca_drop")
+                        is not None else "none |"))
     gaps = [r["cut"] - r["real_q95"] for r in rows if r["real_q95"] is not None]
+    drops = [r["ca_before"] - r["ca_after"] for r in rows]
+    frontier = [r["frontier_ca_drop"] for r in rows if r.get("frontier_ca_drop") is not None]
+    reach = (f"Median CA drop {statistics.median(drops):.2f} at the cuts chosen on the shots; "
+             f"{statistics.median(frontier):.2f} (median) at the frontier, which {len(frontier)} of {len(rows)} "
+             f"models reach. ") if frontier else ""
     return ("\n".join(lines) + "\n\nOn the test images the frozen model reads as the suspected target k: the "
             "target class's own images and the other classes' images with the real trigger; cos(prompted, frozen "
             "feature) at or above the cut keeps the frozen answer. The cut sits "
-            f"{statistics.median(gaps):.3f} (median) above the real trigger's 0.95 quantile. Lab CLIP numbers "
-            f"(`{cmd}`).\n")
+            f"{statistics.median(gaps):.3f} (median) above the real trigger's 0.95 quantile. The last column: over "
+            f"a grid of cuts with these prompts, the least CA drop at which the ASR stays within the budget "
+            f"({budget}%). {reach}Lab CLIP numbers (`{cmd}`).\n")
 
 
 def main(argv=None):
@@ -83,8 +125,14 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--results", default=str(RESULTS), help="folder of bench.zoo's cached cells")
     p.add_argument("--out", default=str(RESULTS / "gate_cost"))
+    p.add_argument("--asr-budget", type=float, default=2.0, help="the frontier's ASR %% bound")
+    p.add_argument("--set", nargs="+", default=[], metavar="FIELD=VALUE", help="repair settings (bench.zoo's --set)")
     args = p.parse_args(argv)
-    known = {m["name"]: m for m in zoo_models(args.split)}
+    settings = dict(_setting(t) for t in args.set)
+    unknown = [k for k in settings if not hasattr(defense_config("repair", False, args.seed), k)]
+    if unknown:
+        raise SystemExit(f"--set: the repair has no field(s) {unknown}")
+    known = {m["name"]: m for m in (bundled_models() if args.split == "dev" else []) + zoo_models(args.split)}
     missing = [n for n in args.models if n not in known or known[n]["checkpoint"] is None]
     if missing:
         raise SystemExit(f"not built in split {args.split!r}: {missing} (python -m engine.lab zoo --split "
@@ -92,11 +140,11 @@ def main(argv=None):
     cache = Path(args.results) / "zoo" / args.split
     rows = []
     for name in args.models:
-        row = measure_model(known[name], cache, args.seed)
+        row = measure_model(known[name], cache, args.seed, settings, args.asr_budget)
         print(name, "read clean by its cached scan: skipped" if row is None else "done", flush=True)
         rows += [row] if row else []
     cmd = command("bench.gate_cost", argv)
-    write_results(args.out, {"command": cmd, "machine": machine(), "models": rows}, markdown(rows, cmd))
+    write_results(args.out, {"command": cmd, "machine": machine(), "models": rows}, markdown(rows, cmd, args.asr_budget))
 
 
 if __name__ == "__main__":

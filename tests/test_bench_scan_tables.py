@@ -60,12 +60,33 @@ def test_gate_cost_table_and_unbuilt_models():
     from bench import gate_cost
     row = {"name": "m", "target": "trouser", "ca_before": 80.0, "ca_after": 72.5, "asr_after": 0.0, "cut": 0.87,
            "own_read_k": 184, "triggered_read_k": 300, "own_median": 0.72, "real_q95": 0.63, "own_kept": 5.4,
-           "real_kept": 0.0, "hindsight_cut": 0.65, "own_kept_hindsight": 79.3, "real_kept_hindsight": 3.3}
-    md = gate_cost.markdown([row, {**row, "name": "n", "cut": 0.93}], "cmd")
-    assert "| m | trouser | 7.50 | 0.870 | 184 | 5.4% | 0.630 | 0.720 | 0.650 | 79.3% | 3.3% |" in md
+           "real_kept": 0.0, "hindsight_cut": 0.65, "own_kept_hindsight": 79.3, "real_kept_hindsight": 3.3,
+           "frontier_ca_drop": 1.25, "frontier_cut": 0.66}
+    md = gate_cost.markdown([row, {**row, "name": "n", "cut": 0.93, "frontier_ca_drop": None}], "cmd", 2.0)
+    assert "| m | trouser | 7.50 | 0.870 | 184 | 5.4% | 0.630 | 0.720 | 0.650 | 79.3% | 3.3% | 1.25 (0.660) |" in md
+    assert "| 3.3% | none |" in md and "budget (2.0%)" in md
+    assert "Median CA drop 7.50 at the cuts chosen on the shots; 1.25 (median) at the frontier, which 1 of 2" in md
     assert "0.270 (median) above" in md                     # (0.24 + 0.30) / 2
     with pytest.raises(SystemExit, match="not built"):
         gate_cost.main(["--split", "blind", "--models", "no-such-model"])
+
+
+def test_gated_rates_let_the_prompts_answer_only_below_the_cut_where_the_frozen_model_says_k():
+    from bench import gate_cost
+    t = torch.tensor
+    labels, target, k = t([0, 1, 2, 1]), 1, 1
+    # clean: image 0 is misread as k and moved far (prompts fix it), image 1 is k's own and barely moved
+    frozen, prompted = (t([1, 1, 2, 0]), t([1, 1, 1, 1])), (t([0, 2, 2, 0]), t([0, 2, 2, 1]))
+    cos = (t([0.3, 0.9, 0.1, 0.1]), t([0.4, 0.95, 0.2, 0.6]))
+    # at cut 0.5: clean preds [0, 1, 2, 0] -> CA 3/4; triggered [0, 1, 2, 1] on the non-target images 0, 2 -> ASR 0
+    assert gate_cost.gated_rates(frozen, prompted, cos, labels, target, k, 0.5) == (75.0, 0.0)
+    # at cut 1.0 every k-read image takes the prompts: clean [0, 2, 2, 0] -> CA 2/4; the triggered 0 and 2 -> 0, 2
+    assert gate_cost.gated_rates(frozen, prompted, cos, labels, target, k, 1.0) == (50.0, 0.0)
+    # at cut 0.0 the frozen answer stands everywhere: clean CA 2/4, triggered 0 and 2 both read 1 -> ASR 100
+    assert gate_cost.gated_rates(frozen, prompted, cos, labels, target, k, 0.0) == (50.0, 100.0)
+    points = [(0.0, 80.0, 50.0), (0.5, 79.0, 3.0), (0.8, 78.0, 1.5), (0.9, 77.0, 0.5)]
+    assert gate_cost.least_drop(points, 80.0, 2.0) == (2.0, 0.8)
+    assert gate_cost.least_drop(points, 80.0, 0.1) is None
 
 
 def test_cosines_read_only_the_images_the_frozen_model_puts_in_k():

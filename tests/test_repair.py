@@ -1,10 +1,13 @@
 """The repair's pieces on the bundled lab models: the blend stand-in, several adversarial triggers at
 once, and the detection it reuses. Tiny step counts: the plumbing and the invariants, not the scores."""
+from dataclasses import replace
+
 import pytest
 import torch
 
 from engine import data as D
 from engine.defenses import repair
+from engine.errors import UserError
 from engine.evaluate import predict
 from engine.inversion import targeted
 from engine.models import bundled_checkpoint, load_model
@@ -230,6 +233,46 @@ def test_the_decision_term_needs_the_focus_classifier_and_changes_the_tuning(lab
     _, no_focus = repair.tune_prompts(clip, few.images, trig, cfg, progress=False)
     assert with_ce != plain and no_focus == plain      # the term reads the classifier that `focus` brings
     assert all(b > a for a, b in zip(plain, with_ce))   # an added non-negative term: every step's loss grows
+
+
+def test_the_decision_term_can_aim_at_the_shots_labels(lab):
+    clip, few, text = lab
+    trig = lambda x: targeted.stamp(x, torch.zeros(1, 32, 32), torch.zeros(3, 32, 32))  # noqa: E731 (no-op trigger)
+    frozen_pred = (torch.nn.functional.normalize(clip.encode_image(clip.normalise(few.images)), dim=-1) @ text.t()).argmax(1)
+    # no augmentation: the loss's frozen predictions are then those of the shots as given
+    cfg = repair.RepairConfig(epochs=1, batch=8, w_clean_ce=2.0, augment=False)
+    labelled = replace(cfg, clean_ce_labels=True)
+    _, towards_frozen = repair.tune_prompts(clip, few.images, trig, cfg, progress=False, focus=(text, -1))
+    # labels equal to the frozen predictions: the same run; the shots' real labels differ from them somewhere
+    _, same = repair.tune_prompts(clip, few.images, trig, labelled, progress=False, focus=(text, -1), labels=frozen_pred)
+    _, real = repair.tune_prompts(clip, few.images, trig, labelled, progress=False, focus=(text, -1), labels=few.labels)
+    assert (frozen_pred != few.labels).any()
+    assert same == towards_frozen and real != towards_frozen
+    with pytest.raises(UserError, match="labels"):
+        repair.tune_prompts(clip, few.images, trig, labelled, progress=False, focus=(text, -1))
+    with pytest.raises(UserError, match="not both"):
+        repair.tune_prompts(clip, few.images, trig, replace(labelled, clean_ce_soft=True), progress=False,
+                            focus=(text, -1), labels=few.labels)
+
+
+def test_the_soft_decision_term_distils_the_frozen_softmax(lab, monkeypatch):
+    clip, few, text = lab
+    trig = lambda x: targeted.stamp(x, torch.zeros(1, 32, 32), torch.zeros(3, 32, 32))  # noqa: E731 (no-op trigger)
+    cfg = repair.RepairConfig(epochs=1, batch=8, w_clean_ce=2.0, augment=False, clean_ce_soft=True)
+    seen = []
+    cross_entropy = torch.nn.functional.cross_entropy
+
+    def spy(logits, target, **kw):
+        seen.append(target)
+        return cross_entropy(logits, target, **kw)
+    monkeypatch.setattr(repair.F, "cross_entropy", spy)
+    repair.tune_prompts(clip, few.images, trig, cfg, progress=False, focus=(text, -1))
+    frozen = torch.nn.functional.normalize(clip.encode_image(clip.normalise(few.images)).float(), dim=-1)
+    want = torch.softmax(repair.LOGIT_SCALE * frozen @ text.t(), dim=-1)
+    got = torch.cat(seen)   # one batch per call, in order: the shots are drawn in a random order, so match rows
+    assert got.shape == want.shape and torch.allclose(got.sum(1), torch.ones(len(got)))
+    dist = torch.cdist(got, want)
+    assert dist.min(1).values.max() < 1e-4   # every target is the frozen softmax of one of the shots
 
 
 @pytest.mark.parametrize("flagged_by, also_mask, expected", [("stripes", True, ["bounded", "mask"]),

@@ -1,7 +1,8 @@
 """Repair: invert the trigger on the few shots, then tune deep visual prompts so that the prompted encoder
 maps dummy-triggered shots where the frozen encoder maps the clean ones, while clean features are
 distilled from the frozen model. No labels are used by the prompt tuning (only by the inversion's
-choice of target classes), so unlabelled clean images could be added.
+choice of target classes; and by the optional decision term with clean_ce_labels), so unlabelled clean
+images could be added.
 
     loss = w_clean (1 - cos(p(x), f(x))) + w_trigger (1 - cos(p(T(x)), f(x)))
 
@@ -84,6 +85,12 @@ class RepairConfig:
                                  # 1 + clean_focus in the clean term (the gated model's prompts answer only those)
     w_clean_ce: float = 0.0      # and a cross-entropy of the prompted zero-shot logits towards the frozen model's
                                  # prediction (its decision, which is all the gate reads; no labels), same weights
+    clean_ce_labels: bool = False  # that cross-entropy towards the shots' labels instead (unlabelled extras: still
+                                   # the frozen prediction): a shot the frozen model misreads as k is not taught k
+    clean_ce_soft: bool = False  # or towards the frozen model's softmax (distillation of its confidence, which a
+                                 # hard target would push past what the frozen model holds). The term keeps the
+                                 # target class's own images but lets more of the backdoor through; off, as tried
+                                 # on dev: bench/results/sweeps/repair_dev_clean_ce.md
     lr: float = 0.01
     momentum: float = 0.9
     epochs: int = 30
@@ -129,14 +136,20 @@ class AdversarialTrigger:
 
 
 def tune_prompts(clip, images, triggers, cfg, backend="shared", progress=True, neutral=None, unlabelled=None,
-                 focus=None):
+                 focus=None, labels=None):
     """Deep visual prompts distilled from the frozen encoder on clean and T-triggered images, for every T
     in `triggers` (one callable or a list; their terms are averaged). The triggered images' target is
     f(neutral(x)) (default f(x)): for a stamped trigger, the same region filled with noise, so the prompts
     need not recover what the stamp hides, only ignore what it shows. A trigger with a `step` method
     (AdversarialTrigger) is updated against the prompts before each step. `unlabelled`: extra clean images;
     each step distils a batch of them too (the epochs still run over `images`). `focus`: (classifier (K, E),
-    class k): with cfg.clean_focus, the clean images the frozen model predicts as k weigh more."""
+    class k): with cfg.clean_focus, the clean images the frozen model predicts as k weigh more. `labels`: the
+    shots' classes, the cross-entropy's target with cfg.clean_ce_labels."""
+    if cfg.clean_ce_labels and cfg.clean_ce_soft:
+        raise UserError("repair: the decision term aims at the labels (clean_ce_labels) or the frozen softmax "
+                        "(clean_ce_soft), not both")
+    if cfg.w_clean_ce and cfg.clean_ce_labels and labels is None:
+        raise UserError("repair clean_ce_labels needs the shots' labels")
     triggers = list(triggers) if isinstance(triggers, (list, tuple)) else [triggers]
     torch.manual_seed(cfg.seed)
     prompts = prompted_vit.VisualPrompts.for_visual(clip.visual, cfg.start, cfg.tokens, cfg.init_std).to(clip.device)
@@ -162,7 +175,8 @@ def tune_prompts(clip, images, triggers, cfg, backend="shared", progress=True, n
         triggered = [t(x) for t in triggers]
         hidden = x if neutral is None else neutral(x)
         # every random draw above was made for the whole batch; under torchrun each rank takes its share
-        x, hidden, *parts, weight = distributed.shard(x, hidden, *triggered, *mixed)
+        shot_labels = labels[b].to(x.device) if labels is not None else x.new_zeros(n, dtype=torch.long)
+        x, hidden, shot_labels, *parts, weight = distributed.shard(x, hidden, shot_labels, *triggered, *mixed)
         triggered, mixed = parts[:len(triggers)], parts[len(triggers):]
         clean = torch.cat([x, *mixed])
         both = clip.normalise(torch.cat([clean, *triggered]))
@@ -175,8 +189,13 @@ def tune_prompts(clip, images, triggers, cfg, backend="shared", progress=True, n
             frozen_pred = (F.normalize(target.float(), dim=-1) @ focus[0].t()).argmax(1)
             focus_weight = 1 + cfg.clean_focus * (frozen_pred == focus[1]).float()
             if cfg.w_clean_ce:
+                want = frozen_pred
+                if cfg.clean_ce_soft:
+                    want = F.softmax(LOGIT_SCALE * F.normalize(target.float(), dim=-1) @ focus[0].t(), dim=-1)
+                if cfg.clean_ce_labels:   # the shots come first in `clean`, then the mixed / unlabelled images
+                    want = torch.cat([shot_labels, frozen_pred[len(x):]])
                 logits = LOGIT_SCALE * F.normalize(z[:len(clean)].float(), dim=-1) @ focus[0].t()
-                decision = cfg.w_clean_ce * _mean(F.cross_entropy(logits, frozen_pred, reduction="none"), focus_weight)
+                decision = cfg.w_clean_ce * _mean(F.cross_entropy(logits, want, reduction="none"), focus_weight)
         terms = [distill_loss(zt, target_t) for zt in z[len(clean):].split(len(x))]   # one per trigger
         trigger_term = cfg.w_trigger * sum(terms) / len(terms) if cfg.w_extra is None else \
             cfg.w_trigger * terms[0] + cfg.w_extra * sum(terms[1:])
@@ -223,7 +242,7 @@ def tune(clip, train, text, cfg, backend="shared", progress=True, log=None, dete
               for i, family in enumerate(families)]
     triggers = [trigger, *extras]
     prompts, history = tune_prompts(clip, train.images, triggers, cfg, backend, progress, neutral, unlabelled,
-                                    focus=(text.to(clip.device), found["suspected_target"]))
+                                    focus=(text.to(clip.device), found["suspected_target"]), labels=train.labels)
     if isinstance(trigger, AdversarialTrigger) and found["flagged_by"] in (None, "mask"):
         found["adversarial_mask_size"] = trigger.fam.size().item()
     cut_from = triggers if cfg.keep_from == "all" else triggers[:1]
