@@ -259,7 +259,7 @@ def inversion_settings(cfg):
 ADDED_FIELDS = {"adv_steps": 1, "extra": [], "extra_steps": 100, "blend_alpha": 0.2, "gate": False,
                 "bounded_eps": 0.1, "clean_focus": 0.0, "adv_mask": True,
                 "w_clean_ce": 0.0, "also_mask": False, "keep_quantile": 0.0, "keep_each": False, "w_extra": None,
-                "keep_weight": 0.0, "keep_from": "all", "clean_ce_labels": False, "clean_ce_soft": False,
+                "keep_weight": 0.0, "keep_from": "all", "clean_ce_labels": False, "clean_ce_soft": False, "keep_cap": 0.0,
                 "recheck_top": 0, "recheck_seeds": 2,   # no recheck (any seed count then does the same)
                 "warp_steps": 100}                      # the warp inversion ran the mask's steps, then 100
 

@@ -85,6 +85,9 @@ def parse_args(argv=None):
     t.add_argument("--keep-from", choices=["all", "flagged"], default=None,
                    help="repair: the stand-in triggers whose shots the keep cut reads: all, or the flagged "
                         "family's alone (default RepairConfig's)")
+    t.add_argument("--keep-cap", type=float, default=None,
+                   help="repair: the balanced keep cut at most this quantile of the target class's own shots' "
+                        "cosines, in [0, 1] (0: off; default RepairConfig's)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", help="cpu, cuda or auto")
     p.add_argument("--precision", default="fp32", choices=P.CHOICES,
@@ -110,7 +113,7 @@ def defense_config(args):
                         augment=args.augment, alpha=args.alpha, margin=args.margin, tokens=args.prompt_tokens,
                         start=args.prompt_start)
     gate = {k: v for k, v in (("keep_quantile", args.keep_quantile), ("keep_weight", args.keep_weight),
-                              ("keep_from", args.keep_from)) if v is not None}
+                              ("keep_from", args.keep_from), ("keep_cap", args.keep_cap)) if v is not None}
     return dataclasses.replace(cfg, **gate) if gate else cfg
 
 
@@ -182,11 +185,13 @@ def check_args(args):
             raise UserError(f"--{flag.replace('_', '-')} must be at least 1, not {value}")
     if args.lr is not None and not args.lr > 0:
         raise UserError(f"--lr must be positive, not {args.lr}")
-    for flag in ("keep_quantile", "keep_weight", "keep_from"):
+    for flag in ("keep_quantile", "keep_weight", "keep_from", "keep_cap"):
         if getattr(args, flag) is not None and args.defense != "repair":
             raise UserError(f"--{flag.replace('_', '-')} is the repair's gate rule; --defense {args.defense} has no gate")
     if args.keep_weight is not None and not args.keep_weight >= 0:
         raise UserError(f"--keep-weight must be 0 or more (0: off), not {args.keep_weight}")
+    if args.keep_cap is not None and not 0 <= args.keep_cap <= 1:
+        raise UserError(f"--keep-cap must be in [0, 1] (0: off), not {args.keep_cap}")
     if args.keep_quantile is not None and not 0 <= args.keep_quantile < 1:
         raise UserError(f"--keep-quantile must be in [0, 1) (0: off), not {args.keep_quantile}")
     P.resolve(args.precision, resolve_device(args.device))

@@ -399,7 +399,7 @@ def test_balanced_cut_splits_separated_lists_midway_and_leans_to_removal_on_ties
     assert repair.balanced_cut(torch.tensor([0.2, 0.7]), torch.tensor([0.5, 0.9]), 10, 0.1) == pytest.approx(0.8)
 
 
-def test_keep_threshold_balances_against_the_target_class_shots_read_as_it(lab):
+def test_keep_threshold_balances_against_the_target_class_shots_read_as_it(lab, monkeypatch):
     clip, few, text = lab
     prompts = repair.prompted_vit.VisualPrompts.for_visual(clip.visual, 0, 4, 0.5)
     grey = lambda x: targeted.stamp(x, torch.ones(1, 32, 32), torch.full((3, 32, 32), 0.5))  # noqa: E731
@@ -412,6 +412,13 @@ def test_keep_threshold_balances_against_the_target_class_shots_read_as_it(lab):
     got = repair.keep_threshold(clip, prompts, "shared", few.images, [grey], text, k, 0.3, labels=few.labels,
                                 weight=0.25)
     assert got == pytest.approx(expected, abs=1e-6)
+    # the cap: at most that quantile of the own shots' cosines; a balanced cut above them all shows it
+    own_cos = repair._moved(clip, prompts, "shared", own, text, k)
+    monkeypatch.setattr(repair, "balanced_cut", lambda *a: 2.0)
+    for cap, want in ((0.0, 2.0), (0.5, torch.quantile(own_cos, 0.5).item()), (1.0, own_cos.max().item())):
+        assert repair.keep_threshold(clip, prompts, "shared", few.images, [grey], text, k, 0.3, labels=few.labels,
+                                     weight=0.25, cap=cap) == pytest.approx(want, abs=1e-6)
+    monkeypatch.undo()
     # without labels (or weight 0) the quantile rule stands
     assert repair.keep_threshold(clip, prompts, "shared", few.images, [grey], text, k, 0.3, weight=0.25) == \
         pytest.approx(torch.quantile(moved, 0.3).item(), abs=1e-5)

@@ -139,6 +139,8 @@ def cli_error(capsys, argv):
     (["--keep-weight", "-1", "--defense", "repair"], "must be 0 or more"),
     (["--keep-weight", "0.25", "--defense", "cbpt"], "has no gate"),
     (["--keep-from", "flagged", "--defense", "rvpt"], "has no gate"),
+    (["--keep-cap", "1.5", "--defense", "repair"], "--keep-cap must be in [0, 1]"),
+    (["--keep-cap", "0.5", "--defense", "rvpt"], "has no gate"),
     (["--device", "tpu9"], "--device tpu9 is not a device"),
     (["--device", "meta"], "only cpu, cuda"),
 ])
@@ -268,3 +270,5 @@ def test_gate_flags_reach_the_repair_config_and_unset_ones_keep_its_defaults():
     assert cfg.keep_quantile == 0.9 and cfg.keep_weight == RepairConfig().keep_weight
     cfg = tune.defense_config(tune.parse_args(["--defense", "repair", "--keep-from", "flagged"]))
     assert cfg.keep_from == "flagged" and cfg.keep_weight == RepairConfig().keep_weight
+    cfg = tune.defense_config(tune.parse_args(["--defense", "repair", "--keep-cap", "0.5"]))
+    assert cfg.keep_cap == 0.5 and cfg.keep_from == RepairConfig().keep_from

@@ -43,6 +43,10 @@ class RepairConfig:
                                  # keep_weight x the stand-in-triggered shots kept; keep_quantile then only
                                  # where no shot of the target class is read as it (chosen on dev:
                                  # bench/results/sweeps/repair_dev_keep_weight.md)
+    keep_cap: float = 0.0        # > 0 (with keep_weight): the balanced cut never rises above this quantile of the
+                                 # target class's own shots' cosines, so at least that share of them keeps the
+                                 # frozen answer where the prompts move the class far (0: off; tried on dev:
+                                 # bench/results/sweeps/repair_dev_keep_cap.md)
     keep_each: bool = False      # with more than one stand-in, the cut holds for each: the largest of their
                                  # quantiles (else one quantile over all their shots; at 0.99 the two measured
                                  # alike on the dev models both ran on)
@@ -247,12 +251,14 @@ def tune(clip, train, text, cfg, backend="shared", progress=True, log=None, dete
         found["adversarial_mask_size"] = trigger.fam.size().item()
     cut_from = triggers if cfg.keep_from == "all" else triggers[:1]
     keep = keep_threshold(clip, prompts, backend, train.images, cut_from, text, found["suspected_target"],
-                          cfg.keep_quantile, cfg.keep_each, labels=train.labels, weight=cfg.keep_weight) \
+                          cfg.keep_quantile, cfg.keep_each, labels=train.labels, weight=cfg.keep_weight,
+                          cap=cfg.keep_cap) \
         if cfg.gate and (cfg.keep_quantile or cfg.keep_weight) else None
     return {"prompts": prompts, "detection": found, "history": history, "keep": keep}
 
 
-def keep_threshold(clip, prompts, backend, images, triggers, text, k, quantile, each=False, labels=None, weight=0.0):
+def keep_threshold(clip, prompts, backend, images, triggers, text, k, quantile, each=False, labels=None, weight=0.0,
+                   cap=0.0):
     """The gate's keep cosine (engine.purify.keeps_frozen), from cos(prompted, frozen feature) over the shots
     that the final (adversarially trained) stand-in triggers send to k under the frozen model. Where the
     prompts move a k-predicted image's feature less than the cut, it is more likely one of the target class's
@@ -260,7 +266,8 @@ def keep_threshold(clip, prompts, backend, images, triggers, text, k, quantile, 
     frozen answer stands. `weight` > 0 (with `labels`): balanced_cut against the class-k shots the frozen
     model reads as k; else (or without such shots) the `quantile` of those cosines, which bounds the share of
     stand-in-triggered shots kept: of each stand-in's (`each`: the largest of their quantiles), or of all of
-    them together. None when no stand-in reaches k, or when neither rule applies (quantile 0, no own shots)."""
+    them together. `cap` > 0: the balanced cut at most the `cap` quantile of the own shots' cosines. None when no
+    stand-in reaches k, or when neither rule applies (quantile 0, no own shots)."""
     text = text.to(clip.device)
     pred = predict(clip, images, text)
     x = images[pred != k].to(clip.device)   # the shots the frozen model puts elsewhere
@@ -270,8 +277,9 @@ def keep_threshold(clip, prompts, backend, images, triggers, text, k, quantile, 
         return None
     own = images[(pred == k) & (labels == k)] if labels is not None and weight else images[:0]
     if len(own):
-        return balanced_cut(torch.cat(cos), _moved(clip, prompts, backend, own.to(clip.device), text, k),
-                            len(text), weight)
+        own_cos = _moved(clip, prompts, backend, own.to(clip.device), text, k)
+        cut = balanced_cut(torch.cat(cos), own_cos, len(text), weight)
+        return min(cut, torch.quantile(own_cos, cap).item()) if cap and len(own_cos) else cut
     if not quantile:   # the quantile rule is off: without own shots, no cut
         return None
     if each:
