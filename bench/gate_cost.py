@@ -30,7 +30,8 @@ from engine.job import defend, prepare
 from engine.purify import tuned_view
 
 from .common import command, machine, write_results
-from .zoo import RESULTS, _setting, bundled_models, defense_config, detect_config, job_config, load_tensors, zoo_models
+from .zoo import (RESULTS, defense_config, detect_config, job_config, load_tensors, parse_settings,
+                  split_models)
 
 CUTS = torch.linspace(0.5, 1.0, 101)   # the frontier's grid (cosines below 0.5: the prompts answer nearly all)
 
@@ -128,11 +129,8 @@ def main(argv=None):
     p.add_argument("--asr-budget", type=float, default=2.0, help="the frontier's ASR %% bound")
     p.add_argument("--set", nargs="+", default=[], metavar="FIELD=VALUE", help="repair settings (bench.zoo's --set)")
     args = p.parse_args(argv)
-    settings = dict(_setting(t) for t in args.set)
-    unknown = [k for k in settings if not hasattr(defense_config("repair", False, args.seed), k)]
-    if unknown:
-        raise SystemExit(f"--set: the repair has no field(s) {unknown}")
-    known = {m["name"]: m for m in (bundled_models() if args.split == "dev" else []) + zoo_models(args.split)}
+    settings = parse_settings(args.set, ["repair"], job_fields=())   # the job here is bench.zoo's, fixed
+    known = {m["name"]: m for m in split_models(args.split)}
     missing = [n for n in args.models if n not in known or known[n]["checkpoint"] is None]
     if missing:
         raise SystemExit(f"not built in split {args.split!r}: {missing} (python -m engine.lab zoo --split "

@@ -158,6 +158,22 @@ def defense_config(cell, quick, seed, settings=None):
     return replace(cfg, **{k: v for k, v in (settings or {}).items() if hasattr(cfg, k) and k != "unlabelled"})
 
 
+def parse_settings(texts, defenses, job_fields=("unlabelled",)):
+    """--set's FIELD=VALUE texts as a dict; SystemExit naming any field that none of `defenses` (nor the job's
+    `job_fields`) has."""
+    settings = dict(_setting(t) for t in texts)
+    unknown = [k for k in settings if k not in job_fields
+               and not any(hasattr(purify.config(d, "lab-vit"), k) for d in defenses)]
+    if unknown:
+        raise SystemExit(f"--set: no defense among {list(defenses)} has the field(s) {unknown}")
+    return settings
+
+
+def split_models(split):
+    """The zoo's models of `split`, and on the dev split the bundled lab models before them."""
+    return (bundled_models() if split == "dev" else []) + zoo_models(split)
+
+
 def _setting(text):
     """FIELD=VALUE, the value read as JSON (numbers, true/false) or else kept as a string."""
     key, sep, value = text.partition("=")
@@ -448,11 +464,7 @@ def main(argv=None):
                    help="override these config fields of the defenses that have them (a dev-split sweep; use "
                         "another --results folder so the cached defaults stay)")
     args = p.parse_args(argv)
-    settings = dict(_setting(t) for t in args.set)
-    unknown = [k for k in settings if k != "unlabelled"
-               and not any(hasattr(purify.config(d, "lab-vit"), k) for d in args.defenses)]
-    if unknown:
-        raise SystemExit(f"--set: no defense among {args.defenses} has the field(s) {unknown}")
+    settings = parse_settings(args.set, args.defenses)
     t0 = time.time()
     results = Path(args.results)
     if args.quick:
@@ -460,7 +472,7 @@ def main(argv=None):
         models = [m for m in bundled_models() if m["name"] in ("bundled-badnet", "bundled-clean")]
     else:
         split, shots, eval_limit = args.split, args.shots, args.eval_limit
-        models = (bundled_models() if split == "dev" else []) + zoo_models(split)
+        models = split_models(split)
     if args.models:
         models = [m for m in models if m["name"] in args.models]
     if args.shard:

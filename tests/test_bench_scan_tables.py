@@ -69,6 +69,10 @@ def test_gate_cost_table_and_unbuilt_models():
     assert "0.270 (median) above" in md                     # (0.24 + 0.30) / 2
     with pytest.raises(SystemExit, match="not built"):
         gate_cost.main(["--split", "blind", "--models", "no-such-model"])
+    # --set: only the repair's fields (not the job's), checked before any model is looked up
+    for field in ("no_such_field", "unlabelled"):
+        with pytest.raises(SystemExit, match=f"no defense among \\['repair'\\] has the field\\(s\\) \\['{field}'\\]"):
+            gate_cost.main(["--split", "blind", "--models", "no-such-model", "--set", f"{field}=1"])
 
 
 def test_gated_rates_let_the_prompts_answer_only_below_the_cut_where_the_frozen_model_says_k():

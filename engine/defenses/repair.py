@@ -196,7 +196,7 @@ def tune_prompts(clip, images, triggers, cfg, backend="shared", progress=True, n
                 want = frozen_pred
                 if cfg.clean_ce_soft:
                     want = F.softmax(LOGIT_SCALE * F.normalize(target.float(), dim=-1) @ focus[0].t(), dim=-1)
-                if cfg.clean_ce_labels:   # the shots come first in `clean`, then the mixed / unlabelled images
+                elif cfg.clean_ce_labels:   # the shots come first in `clean`, then the mixed / unlabelled images
                     want = torch.cat([shot_labels, frozen_pred[len(x):]])
                 logits = LOGIT_SCALE * F.normalize(z[:len(clean)].float(), dim=-1) @ focus[0].t()
                 decision = cfg.w_clean_ce * _mean(F.cross_entropy(logits, want, reduction="none"), focus_weight)
