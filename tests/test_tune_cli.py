@@ -270,5 +270,7 @@ def test_gate_flags_reach_the_repair_config_and_unset_ones_keep_its_defaults():
     assert cfg.keep_quantile == 0.9 and cfg.keep_weight == RepairConfig().keep_weight
     cfg = tune.defense_config(tune.parse_args(["--defense", "repair", "--keep-from", "flagged"]))
     assert cfg.keep_from == "flagged" and cfg.keep_weight == RepairConfig().keep_weight
-    cfg = tune.defense_config(tune.parse_args(["--defense", "repair", "--keep-cap", "0.5"]))
-    assert cfg.keep_cap == 0.5 and cfg.keep_from == RepairConfig().keep_from
+    cfg = tune.defense_config(tune.parse_args(["--defense", "repair", "--keep-cap", "0.25"]))
+    assert cfg.keep_cap == 0.25 != RepairConfig().keep_cap and cfg.keep_from == RepairConfig().keep_from
+    cfg = tune.defense_config(tune.parse_args(["--defense", "repair", "--keep-cap", "0"]))
+    assert cfg.keep_cap == 0.0   # off

@@ -43,9 +43,9 @@ class RepairConfig:
                                  # keep_weight x the stand-in-triggered shots kept; keep_quantile then only
                                  # where no shot of the target class is read as it (chosen on dev:
                                  # bench/results/sweeps/repair_dev_keep_weight.md)
-    keep_cap: float = 0.0        # > 0 (with keep_weight): the balanced cut never rises above this quantile of the
+    keep_cap: float = 0.5        # > 0 (with keep_weight): the balanced cut never rises above this quantile of the
                                  # target class's own shots' cosines, so at least that share of them keeps the
-                                 # frozen answer where the prompts move the class far (0: off; tried on dev:
+                                 # frozen answer where the prompts move the class far (0: off; chosen on dev:
                                  # bench/results/sweeps/repair_dev_keep_cap.md)
     keep_each: bool = False      # with more than one stand-in, the cut holds for each: the largest of their
                                  # quantiles (else one quantile over all their shots; at 0.99 the two measured
