@@ -272,7 +272,9 @@ def test_the_soft_decision_term_distils_the_frozen_softmax(lab, monkeypatch):
     got = torch.cat(seen)   # one batch per call, in order: the shots are drawn in a random order, so match rows
     assert got.shape == want.shape and torch.allclose(got.sum(1), torch.ones(len(got)))
     dist = torch.cdist(got, want)
-    assert dist.min(1).values.max() < 1e-4   # every target is the frozen softmax of one of the shots
+    # every target is the frozen softmax of one of the shots (batches of 8 against all at once differ in float
+    # rounding, which the logit scale amplifies: up to 3e-4 seen; a one-hot target misses an unsaturated row by far more)
+    assert dist.min(1).values.max() < 2e-3
 
 
 @pytest.mark.parametrize("flagged_by, also_mask, expected", [("stripes", True, ["bounded", "mask"]),
