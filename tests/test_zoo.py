@@ -209,12 +209,12 @@ def test_cached_only_tables_need_no_checkpoint_and_never_compute_a_stale_cell(tm
             "--models", "holdout-08-warp", "holdout-00-patch"]
     tuned = json.loads((src / "holdout-00-patch" / "repair.json").read_text())["config"]
     # the settings the cells were tuned with (a field absent there: the value it ran with): both cells current
-    as_tuned = [f"{k}={tuned.get(k, bench_zoo.ADDED_FIELDS[k])}" for k in ("keep_weight", "keep_cap")]
-    bench_zoo.main(args + ["--set", *as_tuned])
+    as_tuned = {k: tuned.get(k, bench_zoo.ADDED_FIELDS[k]) for k in ("keep_weight", "keep_cap")}
+    bench_zoo.main(args + ["--set", *(f"{k}={v}" for k, v in as_tuned.items())])
     rows = {m["name"] for m in json.loads((tmp_path / "zoo_holdout.json").read_text())["models"]}
     assert rows == {"holdout-08-warp", "holdout-00-patch"}
-    weight = tuned.get("keep_weight", 0.0)
-    bench_zoo.main(args + ["--set", f"keep_weight={weight + 1}", as_tuned[1]])   # the repaired cell is stale: listed, not run
+    moved = {**as_tuned, "keep_weight": as_tuned["keep_weight"] + 1}
+    bench_zoo.main(args + ["--set", *(f"{k}={v}" for k, v in moved.items())])   # the repaired cell is stale: listed, not run
     out = json.loads((tmp_path / "zoo_holdout.json").read_text())
     assert [m["name"] for m in out["models"]] == ["holdout-08-warp"]
     assert any(m.startswith("holdout-00-patch (cached cells stale") for m in out["missing"])
