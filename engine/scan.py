@@ -77,7 +77,7 @@ def format_report(result, cfg):
                      + "  ".join(f"{c} " + "/".join(f"{v:.0f}" for v in r) for c, r in runs.items()))
     if st:
         for o, sh in st["shares"].items():
-            lines.append(f"{o + ' stripes':<20}" + "  ".join(f"{c} {s:.2f}" for c, s in sh.items()))
+            lines.append(f"{o + ' stripes':<19} " + "  ".join(f"{c} {s:.2f}" for c, s in sh.items()))
     return "\n".join(lines)
 
 
@@ -101,6 +101,8 @@ def parse_args(argv=None):
                         "averaged (0: one run)")
     s.add_argument("--stripe-steps", type=int, default=det.DetectConfig().stripes.steps,
                    help="stripe inversion steps (0 skips the stripe check)")
+    s.add_argument("--warp-steps", type=int, default=det.DetectConfig().mask.warp_steps,
+                   help="warp inversion steps (0 skips the warp check)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", help="cpu, cuda or auto")
     p.add_argument("--precision", default="fp32", choices=P.CHOICES,
@@ -135,8 +137,9 @@ def check_args(args):
             raise UserError(f"--{flag} must be at least 1")
     if args.recheck < 0:
         raise UserError("--recheck must be 0 (one inversion run) or more")
-    if args.stripe_steps < 0:
-        raise UserError("--stripe-steps must be 0 (skip) or more")
+    for flag in ("stripe_steps", "warp_steps"):
+        if getattr(args, flag) < 0:
+            raise UserError(f"--{flag.replace('_', '-')} must be 0 (skip) or more")
 
 
 def run(args):
@@ -155,9 +158,10 @@ def run(args):
     few, held = split_shots(train_all, args.shots, args.holdout, args.seed)
     text = clip.text_features(few.classes, D.DEFAULT_TEMPLATES)
     base = det.DetectConfig()
-    cfg = replace(base, mask=replace(base.mask, steps=args.steps, seed=args.seed, recheck_top=args.recheck),
+    cfg = replace(base, mask=replace(base.mask, steps=args.steps, seed=args.seed, recheck_top=args.recheck,
+                                         warp_steps=max(args.warp_steps, 1)),
                   stripes=replace(base.stripes, steps=max(args.stripe_steps, 1), seed=args.seed),
-                  use_stripes=args.stripe_steps > 0)
+                  use_stripes=args.stripe_steps > 0, use_warps=args.warp_steps > 0)
     log(f"scanning {args.model} ({checkpoint or args.pretrained or 'random weights'}) on {device}: "
         f"{len(few)} shots" + (f", {len(held)} held-out images" if held is not None else ""))
     precision = P.resolve(args.precision, device)

@@ -70,7 +70,8 @@ def test_a_failing_rank_stops_the_job_and_writes_nothing(tmp_path):
     assert not out.exists() and not list(tmp_path.glob(".run*"))
 
 
-SCAN_ARGS = ["--lab", "badnet", "--shots", "3", "--steps", "4", "--stripe-steps", "2", "--quiet"]
+SCAN_ARGS = ["--lab", "badnet", "--shots", "3", "--steps", "4", "--stripe-steps", "2", "--warp-steps", "4",
+             "--quiet"]
 
 
 @pytest.mark.slow

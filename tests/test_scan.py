@@ -281,6 +281,7 @@ def test_scan_writes_json_and_png_atomically(tmp_path, monkeypatch, small_data):
     (["--shots", "100000"], "fewer than --shots"),
     (["--steps", "0"], "at least 1"),
     (["--stripe-steps", "-1"], "0 \\(skip\\) or more"),
+    (["--warp-steps", "-1"], "0 \\(skip\\) or more"),
     (["--recheck", "-2"], "0 \\(one inversion run\\) or more"),
 ])
 def test_bad_input_raises_user_error_and_writes_nothing(tmp_path, small_data, args, message):
