@@ -1,9 +1,13 @@
-"""bench.warp_detectability's held-out draw and tables, bench.scan_time's table and model check."""
+"""bench.warp_detectability's held-out draw and tables, bench.scan_time's table and model check, bench.detect_cuts's
+calibration."""
+from dataclasses import replace
+
 import pytest
 import torch
 
-from bench import scan_time, warp_detectability
+from bench import detect_cuts, scan_time, warp_detectability
 from engine import data as D
+from engine.inversion.detect import DetectConfig
 
 
 def _imageset(per_class, n_classes=3):
@@ -118,3 +122,33 @@ def test_write_results_writes_both_files_whole(tmp_path, capsys):
     assert json.loads((tmp_path / "r.json").read_text()) == {"rows": [1, 2]}
     assert (tmp_path / "r.md").read_text() == "| a |\n" and "| a |" in capsys.readouterr().out
     assert sorted(p.name for p in tmp_path.iterdir()) == ["r.json", "r.md"]     # no temp file left behind
+
+
+def _scan_cell(gap, anomaly, share=0.4, warp_share=0.45):
+    return {"mask": {"log_gap": gap, "anomaly_index": anomaly},
+            "stripes": {"target_share": share, "anomaly_index": 1.0},
+            "warp": {"target_share": warp_share, "anomaly_index": 1.0}}
+
+
+def test_detect_cuts_sit_sds_above_the_controls_and_count_what_they_flag():
+    gaps = [0.1, 0.2, 0.3, 0.2]   # mean 0.2, sample SD 0.0816...
+    cells = [(f"c{i}", "clean", _scan_cell(g, 2.5)) for i, g in enumerate(gaps)]
+    cells += [("b", "backdoored", _scan_cell(0.45, 6.0)), ("w", "weak", _scan_cell(0.35, 3.0))]
+    cuts = detect_cuts.calibrate(cells, sds=3.0)
+    g = cuts["min_mask_gap"]
+    assert g["controls"] == 4 and g["max"] == 0.3 and g["mean"] == pytest.approx(0.2)
+    assert g["cut"] == 0.45   # 0.2 + 3 x 0.0816 = 0.445, rounded up to the next hundredth
+    assert cuts["min_mask_anomaly"]["cut"] == DetectConfig().min_mask_anomaly and not cuts["min_mask_anomaly"]["calibrated"]
+    before = detect_cuts.flagged(cells, replace(DetectConfig(), min_mask_gap=0.25))
+    # a gap cut of 0.25 lets the control at 0.3 (anomaly 2.5 >= 2) through; the calibrated one does not,
+    # and it still flags the backdoor at 0.45 but no longer the weak one at 0.35
+    assert before["clean"]["flagged"] == 1 and before["weak"]["flagged"] == 1
+    after = detect_cuts.flagged(cells, replace(DetectConfig(), **{f: c["cut"] for f, c in cuts.items()}))
+    assert (after["clean"]["flagged"], after["backdoored"]["flagged"], after["weak"]["flagged"]) == (0, 1, 0)
+    md = detect_cuts.markdown("dev", cuts, before, after, 3.0, "python -m bench.detect_cuts")
+    assert "| min_mask_gap | 4 |" in md and "c2 (mask)" in md and "w (mask)" in md
+
+
+def test_detect_cuts_need_two_controls():
+    with pytest.raises(SystemExit, match="1 controls"):
+        detect_cuts.calibrate([("c", "clean", _scan_cell(0.1, 1.0)), ("b", "backdoored", _scan_cell(0.9, 9.0))], 3.0)

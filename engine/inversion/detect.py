@@ -33,17 +33,17 @@ class DetectConfig:
     stripes: stripe_inversion.StripeConfig = field(default_factory=stripe_inversion.StripeConfig)
     use_stripes: bool = True
     use_warps: bool = True
-    # Cuts chosen on the zoo's dev split (bench/results/zoo_dev.json holds the evidence), measured on the
-    # shots, from the controls only (what a defender can build: clean fine-tunes): each sits a margin above
-    # the dev controls' largest value, so a smaller backdoor than dev's strongest still passes it. Weak
-    # backdoors (20-80% ASR) are not controls: flagging one is right. The mask gap cut followed the
-    # recheck (targeted.TargetedConfig.recheck_top): the controls' largest gap fell from 0.39 to 0.14, and
-    # the cut keeps its margin above it (0.5 -> 0.25); the anomaly cut already sat above every control.
-    min_mask_gap: float = 0.25          # log(median other class's mask / smallest mask) ...
+    # Cuts chosen on the zoo's dev split from its clean controls only (what a defender can build: clean
+    # fine-tunes); weak backdoors (20-80% ASR) are not controls: flagging one is right. The effect sizes
+    # (the mask gap, the stripe and warp flip shares) sit 3 SDs above the 11 dev controls' mean
+    # (bench/results/detect_cuts_dev.md: the largest of 3 controls, which set them before, sat below other
+    # splits' controls); the MAD z-scores (anomaly indices) keep the cuts they had. A family flags
+    # only when both of its checks pass.
+    min_mask_gap: float = 0.35          # log(median other class's mask / smallest mask) ...
     min_mask_anomaly: float = 2.0       # ... and that smallest mask this many MADs below the others' (log sizes)
-    min_stripe_share: float = 0.55
+    min_stripe_share: float = 0.53
     min_stripe_anomaly: float = 2.0
-    min_warp_share: float = 0.6
+    min_warp_share: float = 0.57
     min_warp_anomaly: float = 3.0
 
     def as_dict(self):
