@@ -9,7 +9,7 @@ from bench.zoo's cached cells; the inversions are not run again). Lab CLIP numbe
     python -m bench.zoo --split dev --defenses repair     # fills the scan cells
     python -m bench.detect_cuts --split dev               # the split the cuts are chosen on
 
-Writes bench/results/detect_cuts_<split>.json and .md."""
+Writes bench/results/detect_cuts_<split>.json and .md (or --out)."""
 import argparse
 import json
 import math
@@ -44,12 +44,14 @@ def scan_cells(split, results):
 
 
 def calibrate(cells, sds):
-    """Per statistic: the controls' n, mean, SD, max, and the cut (mean + sds x SD, rounded up to 0.01,
+    """Per statistic: the clean controls' n, mean, SD, max, and the cut (mean + sds x SD, rounded up to 0.01,
     for the calibrated ones; the current default for the others)."""
     base = DetectConfig()
     out = {}
     for field, (family, key), calibrated in STATISTICS:
-        values = [c[family][key] for _, k, c in cells if k in ("clean", "failed") and c.get(family)]
+        # clean fine-tunes only: a poisoned model whose backdoor did not take (kind "failed") still carries
+        # a trigger, and is a control of the targets but no sample of what clean models look like
+        values = [c[family][key] for _, k, c in cells if k == "clean" and c.get(family)]
         if len(values) < 2:
             raise SystemExit(f"{field}: {len(values)} controls with a scan cell; build and scan more")
         mean, sd = statistics.mean(values), statistics.stdev(values)
@@ -94,7 +96,8 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--split", default="dev", choices=list(zoo.SPLITS))
     p.add_argument("--sds", type=float, default=3.0, help="a calibrated cut sits this many SDs above the controls' mean")
-    p.add_argument("--results", default=str(RESULTS), help="the folder of bench.zoo's cells and of the output")
+    p.add_argument("--results", default=str(RESULTS), help="the folder of bench.zoo's cells")
+    p.add_argument("--out", default=None, help="output path without extension (default <results>/detect_cuts_<split>)")
     args = p.parse_args(argv)
     results = Path(args.results)
     cells = scan_cells(args.split, results)
@@ -102,9 +105,9 @@ def main(argv=None):
     before = flagged(cells, DetectConfig())
     after = flagged(cells, replace(DetectConfig(), **{f: c["cut"] for f, c in cuts.items()}))
     cmd = command("bench.detect_cuts", argv)
-    write_results(results / f"detect_cuts_{args.split}", {"command": cmd, "machine": machine(), "split": args.split,
-                                                          "sds": args.sds, "cuts": cuts, "current": before,
-                                                          "calibrated": after},
+    payload = {"command": cmd, "machine": machine(), "split": args.split, "sds": args.sds, "cuts": cuts,
+               "current": before, "calibrated": after}
+    write_results(args.out or results / f"detect_cuts_{args.split}", payload,
                   markdown(args.split, cuts, before, after, args.sds, cmd))
     return cuts
 

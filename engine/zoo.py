@@ -31,8 +31,9 @@ FAMILIES = ("patch", "blend", "periodic", "warp", "optimised")
 # stripe-flagged and near-tied-target cases were studied: the first dev split held one of each at most.
 # blind: added after today's defaults froze, built and measured once with them, nothing chosen after.
 # dev's controls grew from 2 to 10 (same seeds, more of them) when the detector's cuts were calibrated
-# again: the largest of 3 controls' statistics (2 + the bundled clean model) sat below other splits'.
-SPLITS = {"dev": {"base": 10_000, "poisoned": 15, "clean": 10},
+# again: the largest of 3 controls' statistics (2 + the bundled clean model) sat below other splits';
+# then its poisoned models from 15 to 25, for cases the first 15 did not hold.
+SPLITS = {"dev": {"base": 10_000, "poisoned": 25, "clean": 10},
           "test": {"base": 20_000, "poisoned": 26, "clean": 5},
           "holdout": {"base": 30_000, "poisoned": 10, "clean": 2},
           "fresh": {"base": 40_000, "poisoned": 6, "clean": 1},

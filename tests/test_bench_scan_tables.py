@@ -1,5 +1,6 @@
 """bench.warp_detectability's held-out draw and tables, bench.scan_time's table and model check, bench.detect_cuts's
 calibration."""
+import json
 from dataclasses import replace
 
 import pytest
@@ -133,7 +134,8 @@ def _scan_cell(gap, anomaly, share=0.4, warp_share=0.45):
 def test_detect_cuts_sit_sds_above_the_controls_and_count_what_they_flag():
     gaps = [0.1, 0.2, 0.3, 0.2]   # mean 0.2, sample SD 0.0816...
     cells = [(f"c{i}", "clean", _scan_cell(g, 2.5)) for i, g in enumerate(gaps)]
-    cells += [("b", "backdoored", _scan_cell(0.45, 6.0)), ("w", "weak", _scan_cell(0.35, 3.0))]
+    cells += [("b", "backdoored", _scan_cell(0.45, 6.0)), ("w", "weak", _scan_cell(0.35, 3.0)),
+              ("f", "failed", _scan_cell(0.9, 8.0))]   # a poisoning that did not take: no sample of clean models
     cuts = detect_cuts.calibrate(cells, sds=3.0)
     g = cuts["min_mask_gap"]
     assert g["controls"] == 4 and g["max"] == 0.3 and g["mean"] == pytest.approx(0.2)
@@ -152,3 +154,16 @@ def test_detect_cuts_sit_sds_above_the_controls_and_count_what_they_flag():
 def test_detect_cuts_need_two_controls():
     with pytest.raises(SystemExit, match="1 controls"):
         detect_cuts.calibrate([("c", "clean", _scan_cell(0.1, 1.0)), ("b", "backdoored", _scan_cell(0.9, 9.0))], 3.0)
+
+
+def test_detect_cuts_cli_reads_the_cached_scan_cells_and_writes_json_and_md(tmp_path):
+    evidence = {"bundled-clean": (0.1, 1.0), "dev-c0-clean": (0.2, 1.5), "dev-c1-clean": (0.15, 0.5),
+                "dev-05-patch": (1.2, 9.0)}
+    for name, (gap, anomaly) in evidence.items():
+        (tmp_path / "zoo" / "dev" / name).mkdir(parents=True)
+        (tmp_path / "zoo" / "dev" / name / "scan.json").write_text(json.dumps(_scan_cell(gap, anomaly)))
+    cuts = detect_cuts.main(["--split", "dev", "--results", str(tmp_path), "--out", str(tmp_path / "cuts")])
+    assert cuts["min_mask_gap"]["controls"] == 3 and cuts["min_mask_gap"]["max"] == 0.2
+    saved = json.loads((tmp_path / "cuts.json").read_text())
+    assert saved["current"]["backdoored"] == {"models": 1, "flagged": 1, "flagged_models": ["dev-05-patch (mask)"]}
+    assert "| clean | 3 | 0 | 0 |" in (tmp_path / "cuts.md").read_text()
