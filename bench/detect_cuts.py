@@ -34,12 +34,12 @@ STATISTICS = [("min_mask_gap", ("mask", "log_gap"), True),
 
 
 def scan_cells(split, results):
-    """(model name, kind, cached scan cell) for the split's models with a scan cell."""
+    """(model name, kind, cached scan cell, true target or None) for the split's models with a scan cell."""
     out = []
     for m in split_models(split):
         path = results / "zoo" / split / m["name"] / "scan.json"
         if path.is_file():
-            out.append((m["name"], kind(m), json.loads(path.read_text())))
+            out.append((m["name"], kind(m), json.loads(path.read_text()), m["target"]))
     return out
 
 
@@ -51,7 +51,7 @@ def calibrate(cells, sds):
     for field, (family, key), calibrated in STATISTICS:
         # clean fine-tunes only: a poisoned model whose backdoor did not take (kind "failed") still carries
         # a trigger, and is a control of the targets but no sample of what clean models look like
-        values = [c[family][key] for _, k, c in cells if k == "clean" and c.get(family)]
+        values = [c[family][key] for _, k, c, _ in cells if k == "clean" and c.get(family)]
         if len(values) < 2:
             raise SystemExit(f"{field}: {len(values)} controls with a scan cell; build and scan more")
         mean, sd = statistics.mean(values), statistics.stdev(values)
@@ -62,29 +62,36 @@ def calibrate(cells, sds):
 
 
 def flagged(cells, cfg):
-    """Per kind: how many models the cuts flag, and how many of the backdoored ones with the right target."""
+    """Per kind: how many models the cuts flag, how many of those with the right target (the flagging
+    family's), and which (name, family, suspected target)."""
     counts = {}
-    for name, k, c in cells:
+    for name, k, c, truth in cells:
         verdict, _, family = decide(c["mask"], c.get("stripes"), cfg, c.get("warp"))
-        row = counts.setdefault(k, {"models": 0, "flagged": 0, "flagged_models": []})
+        row = counts.setdefault(k, {"models": 0, "flagged": 0, "target_right": 0, "flagged_models": []})
         row["models"] += 1
         if verdict == "backdoored":
+            suspected = c[family]["target"]
             row["flagged"] += 1
-            row["flagged_models"].append(f"{name} ({family})")
+            row["target_right"] += suspected == truth
+            row["flagged_models"].append(f"{name} ({family}, {suspected})")
     return counts
 
 
 def markdown(split, cuts, before, after, sds, cmd):
     lines = [f"Scan cuts from the `{split}` split's clean controls (lab CLIP, Fashion-MNIST): mean + {sds:g} SD of "
-             "the controls for the effect sizes; the anomaly indices (MAD z-scores) keep their cuts.", "",
+             "the controls for the effect sizes; the anomaly indices (MAD z-scores) keep their cuts"
+             + (f"; set by hand: {', '.join(f for f, c in cuts.items() if c.get('set'))}" if any(
+                 c.get("set") for c in cuts.values()) else "") + ".", "",
              "| cut | controls | mean | SD | largest | current cut | calibrated cut |", "|---" * 7 + "|"]
     for field, c in cuts.items():
         lines.append(f"| {field} | {c['controls']} | {c['mean']:.3f} | {c['sd']:.3f} | {c['max']:.3f} | "
-                     f"{c['current']:g} | {c['cut']:g}{'' if c['calibrated'] else ' (kept)'} |")
-    lines += ["", "| models | count | flagged, current cuts | flagged, calibrated cuts |", "|---" * 4 + "|"]
+                     f"{c['current']:g} | {c['cut']:g}{' (set)' if c.get('set') else '' if c['calibrated'] else ' (kept)'} |")
+    lines += ["", "| models | count | flagged, current cuts (target right) | flagged, calibrated cuts (target right) |",
+              "|---" * 4 + "|"]
     for k in ("backdoored", "weak", "failed", "clean"):
         if k in before:
-            lines.append(f"| {k} | {before[k]['models']} | {before[k]['flagged']} | {after[k]['flagged']} |")
+            lines.append(f"| {k} | {before[k]['models']} | {before[k]['flagged']} ({before[k]['target_right']}) | "
+                         f"{after[k]['flagged']} ({after[k]['target_right']}) |")
     moved = sorted(set(sum((v["flagged_models"] for v in before.values()), [])) ^
                    set(sum((v["flagged_models"] for v in after.values()), [])))
     lines += ["", "Verdicts or flagging families that differ: " + (", ".join(moved) if moved else "none") + ".",
@@ -97,11 +104,18 @@ def main(argv=None):
     p.add_argument("--split", default="dev", choices=list(zoo.SPLITS))
     p.add_argument("--sds", type=float, default=3.0, help="a calibrated cut sits this many SDs above the controls' mean")
     p.add_argument("--results", default=str(RESULTS), help="the folder of bench.zoo's cells")
+    p.add_argument("--set", nargs="+", default=[], metavar="FIELD=VALUE",
+                   help="cuts set by hand instead of calibrated (e.g. min_mask_anomaly=0: what dropping a check does)")
     p.add_argument("--out", default=None, help="output path without extension (default <results>/detect_cuts_<split>)")
     args = p.parse_args(argv)
     results = Path(args.results)
     cells = scan_cells(args.split, results)
     cuts = calibrate(cells, args.sds)
+    for text in args.set:
+        field, _, value = text.partition("=")
+        if field not in cuts or not value:
+            raise SystemExit(f"--set {text}: use FIELD=VALUE with FIELD one of {', '.join(cuts)}")
+        cuts[field].update(cut=float(value), set=True)
     before = flagged(cells, DetectConfig())
     after = flagged(cells, replace(DetectConfig(), **{f: c["cut"] for f, c in cuts.items()}))
     cmd = command("bench.detect_cuts", argv)

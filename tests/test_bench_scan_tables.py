@@ -126,16 +126,16 @@ def test_write_results_writes_both_files_whole(tmp_path, capsys):
 
 
 def _scan_cell(gap, anomaly, share=0.4, warp_share=0.45):
-    return {"mask": {"log_gap": gap, "anomaly_index": anomaly},
-            "stripes": {"target_share": share, "anomaly_index": 1.0},
-            "warp": {"target_share": warp_share, "anomaly_index": 1.0}}
+    return {"mask": {"log_gap": gap, "anomaly_index": anomaly, "target": "bag"},
+            "stripes": {"target_share": share, "anomaly_index": 1.0, "target": "coat"},
+            "warp": {"target_share": warp_share, "anomaly_index": 1.0, "target": "coat"}}
 
 
 def test_detect_cuts_sit_sds_above_the_controls_and_count_what_they_flag():
     gaps = [0.1, 0.2, 0.3, 0.2]   # mean 0.2, sample SD 0.0816...
-    cells = [(f"c{i}", "clean", _scan_cell(g, 2.5)) for i, g in enumerate(gaps)]
-    cells += [("b", "backdoored", _scan_cell(0.45, 6.0)), ("w", "weak", _scan_cell(0.35, 3.0)),
-              ("f", "failed", _scan_cell(0.9, 8.0))]   # a poisoning that did not take: no sample of clean models
+    cells = [(f"c{i}", "clean", _scan_cell(g, 2.5), None) for i, g in enumerate(gaps)]
+    cells += [("b", "backdoored", _scan_cell(0.45, 6.0), "bag"), ("w", "weak", _scan_cell(0.35, 3.0), "coat"),
+              ("f", "failed", _scan_cell(0.9, 8.0), "bag")]   # a poisoning that did not take: no sample of clean models
     cuts = detect_cuts.calibrate(cells, sds=3.0)
     g = cuts["min_mask_gap"]
     assert g["controls"] == 4 and g["max"] == 0.3 and g["mean"] == pytest.approx(0.2)
@@ -147,13 +147,15 @@ def test_detect_cuts_sit_sds_above_the_controls_and_count_what_they_flag():
     assert before["clean"]["flagged"] == 1 and before["weak"]["flagged"] == 1
     after = detect_cuts.flagged(cells, replace(DetectConfig(), **{f: c["cut"] for f, c in cuts.items()}))
     assert (after["clean"]["flagged"], after["backdoored"]["flagged"], after["weak"]["flagged"]) == (0, 1, 0)
+    assert after["backdoored"]["target_right"] == 1 and before["weak"]["target_right"] == 0   # the mask names bag
     md = detect_cuts.markdown("dev", cuts, before, after, 3.0, "python -m bench.detect_cuts")
-    assert "| min_mask_gap | 4 |" in md and "c2 (mask)" in md and "w (mask)" in md
+    assert "| min_mask_gap | 4 |" in md and "c2 (mask, bag)" in md and "w (mask, bag)" in md
 
 
 def test_detect_cuts_need_two_controls():
     with pytest.raises(SystemExit, match="1 controls"):
-        detect_cuts.calibrate([("c", "clean", _scan_cell(0.1, 1.0)), ("b", "backdoored", _scan_cell(0.9, 9.0))], 3.0)
+        detect_cuts.calibrate([("c", "clean", _scan_cell(0.1, 1.0), None),
+                               ("b", "backdoored", _scan_cell(0.9, 9.0), "bag")], 3.0)
 
 
 def test_detect_cuts_cli_reads_the_cached_scan_cells_and_writes_json_and_md(tmp_path):
@@ -165,5 +167,15 @@ def test_detect_cuts_cli_reads_the_cached_scan_cells_and_writes_json_and_md(tmp_
     cuts = detect_cuts.main(["--split", "dev", "--results", str(tmp_path), "--out", str(tmp_path / "cuts")])
     assert cuts["min_mask_gap"]["controls"] == 3 and cuts["min_mask_gap"]["max"] == 0.2
     saved = json.loads((tmp_path / "cuts.json").read_text())
-    assert saved["current"]["backdoored"] == {"models": 1, "flagged": 1, "flagged_models": ["dev-05-patch (mask)"]}
-    assert "| clean | 3 | 0 | 0 |" in (tmp_path / "cuts.md").read_text()
+    # dev-05-patch's true target is dress; this fake evidence's mask names bag
+    assert saved["current"]["backdoored"] == {"models": 1, "flagged": 1, "target_right": 0,
+                                              "flagged_models": ["dev-05-patch (mask, bag)"]}
+    assert "| clean | 3 | 0 (0) | 0 (0) |" in (tmp_path / "cuts.md").read_text()
+    # --set replaces a calibrated cut: an anomaly cut of 10 drops the mask flag
+    cuts = detect_cuts.main(["--split", "dev", "--results", str(tmp_path), "--out", str(tmp_path / "set"),
+                             "--set", "min_mask_anomaly=10"])
+    assert cuts["min_mask_anomaly"]["cut"] == 10 and json.loads((tmp_path / "set.json").read_text())[
+        "calibrated"]["backdoored"]["flagged"] == 0
+    assert "10 (set)" in (tmp_path / "set.md").read_text()
+    with pytest.raises(SystemExit, match="FIELD=VALUE"):
+        detect_cuts.main(["--split", "dev", "--results", str(tmp_path), "--out", str(tmp_path / "x"), "--set", "nope=1"])
