@@ -2,8 +2,9 @@
 largest value, and the cut `--sds` SDs above their mean. A defender can fine-tune as many clean controls
 as they like, so the cuts on the effect sizes (the mask gap, the stripe and warp flip shares) come from
 the controls' spread rather than from the largest of a few; the MAD z-scores (anomaly indices) are
-already standardised and keep their conventional cuts. Each family flags only when both of its checks
-pass. The table then counts what the current and the calibrated cuts flag on the split (scan evidence
+already standardised and keep the cuts they had. Each family flags only when both of its checks pass.
+Only clean fine-tunes are calibrated on (a poisoning that did not take is a control of the targets, but
+it carries a trigger). The table then counts what the current and the calibrated cuts flag on the split (scan evidence
 from bench.zoo's cached cells; the inversions are not run again). Lab CLIP numbers.
 
     python -m bench.zoo --split dev --defenses repair     # fills the scan cells
