@@ -4,8 +4,8 @@ as they like, so the cuts on the effect sizes (the mask gap, the stripe and warp
 the controls' spread rather than from the largest of a few; the MAD z-scores (anomaly indices) are
 already standardised and keep the cuts they had. Each family flags only when both of its checks pass.
 Only clean fine-tunes are calibrated on (a poisoning that did not take is a control of the targets, but
-it carries a trigger). The table then counts what the current and the calibrated cuts flag on the split (scan evidence
-from bench.zoo's cached cells; the inversions are not run again). Lab CLIP numbers.
+it carries a trigger). The table then counts what the current and the calibrated cuts flag on the split
+(scan evidence from bench.zoo's cached cells; the inversions are not run again). Lab CLIP numbers.
 
     python -m bench.zoo --split dev --defenses repair     # fills the scan cells
     python -m bench.detect_cuts --split dev               # the split the cuts are chosen on
@@ -22,7 +22,7 @@ from engine import zoo
 from engine.inversion.detect import DetectConfig, decide
 
 from .common import command, machine, write_results
-from .zoo import kind, split_models
+from .zoo import kind, parse_setting, split_models
 
 RESULTS = Path("bench/results")
 # (config field, the scan evidence it reads, calibrated from the controls?)
@@ -79,10 +79,10 @@ def flagged(cells, cfg):
 
 
 def markdown(split, cuts, before, after, sds, cmd):
+    by_hand = [f for f, c in cuts.items() if c.get("set")]
     lines = [f"Scan cuts from the `{split}` split's clean controls (lab CLIP, Fashion-MNIST): mean + {sds:g} SD of "
              "the controls for the effect sizes; the anomaly indices (MAD z-scores) keep their cuts"
-             + (f"; set by hand: {', '.join(f for f, c in cuts.items() if c.get('set'))}" if any(
-                 c.get("set") for c in cuts.values()) else "") + ".", "",
+             + (f"; set by hand: {', '.join(by_hand)}" if by_hand else "") + ".", "",
              "| cut | controls | mean | SD | largest | current cut | calibrated cut |", "|---" * 7 + "|"]
     for field, c in cuts.items():
         lines.append(f"| {field} | {c['controls']} | {c['mean']:.3f} | {c['sd']:.3f} | {c['max']:.3f} | "
@@ -112,10 +112,9 @@ def main(argv=None):
     results = Path(args.results)
     cells = scan_cells(args.split, results)
     cuts = calibrate(cells, args.sds)
-    for text in args.set:
-        field, _, value = text.partition("=")
-        if field not in cuts or not value:
-            raise SystemExit(f"--set {text}: use FIELD=VALUE with FIELD one of {', '.join(cuts)}")
+    for field, value in map(parse_setting, args.set):
+        if field not in cuts or isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise SystemExit(f"--set {field}={value}: use FIELD=NUMBER with FIELD one of {', '.join(cuts)}")
         cuts[field].update(cut=float(value), set=True)
     before = flagged(cells, DetectConfig())
     after = flagged(cells, replace(DetectConfig(), **{f: c["cut"] for f, c in cuts.items()}))

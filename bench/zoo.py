@@ -161,7 +161,7 @@ def defense_config(cell, quick, seed, settings=None):
 def parse_settings(texts, defenses, job_fields=("unlabelled",)):
     """--set's FIELD=VALUE texts as a dict; SystemExit naming any field that none of `defenses` (nor the job's
     `job_fields`) has."""
-    settings = dict(_setting(t) for t in texts)
+    settings = dict(parse_setting(t) for t in texts)
     unknown = [k for k in settings if k not in job_fields
                and not any(hasattr(purify.config(d, "lab-vit"), k) for d in defenses)]
     if unknown:
@@ -174,8 +174,9 @@ def split_models(split):
     return (bundled_models() if split == "dev" else []) + zoo_models(split)
 
 
-def _setting(text):
-    """FIELD=VALUE, the value read as JSON (numbers, true/false) or else kept as a string."""
+def parse_setting(text):
+    """One --set FIELD=VALUE as (field, value), the value read as JSON (numbers, true/false) or else kept
+    as a string (bench.detect_cuts's --set reads its cuts with it too)."""
     key, sep, value = text.partition("=")
     if not sep or not key:
         raise SystemExit(f"--set takes FIELD=VALUE (e.g. epochs=50), not {text!r}")

@@ -177,5 +177,8 @@ def test_detect_cuts_cli_reads_the_cached_scan_cells_and_writes_json_and_md(tmp_
     assert cuts["min_mask_anomaly"]["cut"] == 10 and json.loads((tmp_path / "set.json").read_text())[
         "calibrated"]["backdoored"]["flagged"] == 0
     assert "10 (set)" in (tmp_path / "set.md").read_text()
-    with pytest.raises(SystemExit, match="FIELD=VALUE"):
-        detect_cuts.main(["--split", "dev", "--results", str(tmp_path), "--out", str(tmp_path / "x"), "--set", "nope=1"])
+    for bad in ("nope=1", "min_mask_anomaly=abc", "min_mask_gap"):
+        with pytest.raises(SystemExit, match="FIELD=") as e:
+            detect_cuts.main(["--split", "dev", "--results", str(tmp_path), "--out", str(tmp_path / "x"), "--set", bad])
+        assert "min_mask_gap" in str(e.value) or bad == "min_mask_gap"   # the message names the fields (or the form)
+    assert not list(tmp_path.glob("x.*"))   # nothing written

@@ -273,6 +273,16 @@ def test_scan_writes_json_and_png_atomically(tmp_path, monkeypatch, small_data):
     assert not broken.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["scan"]
 
 
+def test_warp_steps_reach_the_warp_inversion_and_zero_skips_the_warp_check(tmp_path, small_data):
+    saved = {}
+    for n in (2, 0):
+        scan.main(["--lab", "badnet", "--out", str(tmp_path / str(n)), *TINY, "--warp-steps", str(n)])
+        saved[n] = json.loads((tmp_path / str(n) / "scan.json").read_text())
+    assert saved[2]["inversion"]["mask"]["warp_steps"] == 2 and "target_share" in saved[2]["warp"]
+    assert {"warp_share", "warp_anomaly"} <= set(saved[2]["checks"])
+    assert saved[0]["warp"] is None and not {"warp_share", "warp_anomaly"} & set(saved[0]["checks"])
+
+
 @pytest.mark.parametrize("args,message", [
     (["--model", "ViT-Q-99"], "unknown model"),
     (["--checkpoint", "/nonexistent.safetensors"], "does not exist"),

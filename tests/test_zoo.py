@@ -249,4 +249,4 @@ def test_zoo_set_refuses_malformed_and_unknown_fields():
         bench_zoo.main(["--set", "epochs"])
     with pytest.raises(SystemExit, match="no defense among"):
         bench_zoo.main(["--defenses", "repair", "--set", "no_such_field=1"])
-    assert bench_zoo._setting("extra=[\"blend\"]") == ("extra", ["blend"]) and bench_zoo._setting("x=abc") == ("x", "abc")
+    assert bench_zoo.parse_setting("extra=[\"blend\"]") == ("extra", ["blend"]) and bench_zoo.parse_setting("x=abc") == ("x", "abc")
