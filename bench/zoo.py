@@ -371,7 +371,10 @@ def aggregate(rows, defenses):
             "median_seconds": statistics.median(r["cells"][d]["seconds"] for r in rows if d in r["cells"])
             if asr or cdrop else None,
         }
-    return {"scan": scan_summary, "defenses": per_defense}
+    # what one run of every cell costs (each as measured, some cells two side by side on the cores)
+    cell_minutes = {c: sum(r["cells"][c].get("seconds", 0) for r in rows if c in r["cells"]) / 60
+                    for c in ["none", "scan", *defenses]}
+    return {"scan": scan_summary, "defenses": per_defense, "cell_minutes": cell_minutes}
 
 
 def _f(v, fmt="{:.2f}"):
@@ -408,6 +411,11 @@ def markdown(split, rows, agg, defenses, missing, cmd, seconds):
     if missing:
         lines += ["", f"Not built yet (skipped): {', '.join(missing)}."]
     run = "tables from cached cells" if seconds is None else f"whole run {seconds:.0f} s"
+    minutes = agg.get("cell_minutes") or {}
+    if minutes:
+        run = (f"Cells' seconds summed: {sum(minutes.values()):.0f} min (" +
+               ", ".join(f"{LABELS.get(c, c).split(' (')[0]} {m:.0f}" for c, m in minutes.items()) + "; each as measured, "
+               "some two side by side on the cores); " + run)
     lines += ["", f"ASR % (CA %) on the first test images per model; ASR of controls is measured with a stand-in "
               f"trigger and means nothing. The repair's seconds leave out its detection (the scan's, reused). "
               f"Scan score: how far past its thresholds the strongest family is (>= 1 flags). {run} (`{cmd}`)."]

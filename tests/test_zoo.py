@@ -105,6 +105,9 @@ def test_aggregation_on_a_tiny_zoo():
     assert d["control_median_ca_drop"] == pytest.approx(0.5) and d["control_worst_ca_drop"] == 1
     md = bench_zoo.markdown("test", rows, agg, ["repair"], ["z"], "python -m bench.zoo", 1.0)
     assert "2/3" in md and "1/2" in md and "Not built yet (skipped): z" in md
+    # six models: scans 10 s, defenses 5 s each, no-defense cells untimed
+    assert agg["cell_minutes"] == pytest.approx({"none": 0.0, "scan": 1.0, "repair": 0.5})
+    assert "Cells' seconds summed: 2 min (none 0, scan 1, repair 0;" in md
 
 
 def test_kind_splits_poisoned_models_by_their_no_defense_asr():
