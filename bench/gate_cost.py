@@ -6,6 +6,8 @@ answer the cut should keep) and of images carrying the REAL trigger (whose answe
 The hindsight cut is balanced_cut on those test cosines, same weight: what a perfect stand-in would give.
 The frontier: the gated model's CA and ASR on the test images at every cut of a grid (the prompts stay the
 ones tuned), and the least CA drop any cut reaches with ASR <= --asr-budget: what no choice of cut can beat.
+A second table sets the cosine against another statistic a gate could cut on (the class-k logit's change):
+how well each separates the two kinds of images (AUROC) and the least CA drop a cut on each reaches.
 --set FIELD=VALUE tunes the repair with other settings (bench.zoo's --set), to see whether they move it.
 
     python -m engine.lab zoo --split blind            # build the models first
@@ -25,12 +27,13 @@ import torch.nn.functional as F
 
 from engine.defenses.repair import balanced_cut
 from engine.evaluate import features
+from engine.inversion import LOGIT_SCALE
 from engine.inversion.detect import conclude
 from engine.job import defend, prepare
 from engine.purify import tuned_view
 
 from .common import command, machine, write_results
-from .zoo import (RESULTS, defense_config, detect_config, job_config, load_tensors, parse_settings,
+from .zoo import (RESULTS, auroc, defense_config, detect_config, job_config, load_tensors, parse_settings,
                   split_models)
 
 CUTS = torch.linspace(0.5, 1.0, 101)   # the frontier's grid (cosines below 0.5: the prompts answer nearly all)
@@ -59,9 +62,26 @@ def least_drop(points, ca_before, budget):
     return min(ok) if ok else None
 
 
-def _predictions(clip, prompted, images, text, transform=None):
+def _predictions(clip, prompted, images, text, k, transform=None):
+    """Frozen and prompted predictions, cos(prompted, frozen feature), and how far the prompts move the class-k
+    logit (prompted - frozen: another statistic a gate could cut on, keeping the frozen answer above it)."""
     zf, zp = features(clip, images, transform=transform), features(clip, images, prompted, transform=transform)
-    return (zf @ text.t()).argmax(1).cpu(), (zp @ text.t()).argmax(1).cpu(), F.cosine_similarity(zp, zf, dim=-1).cpu()
+    lf, lp = LOGIT_SCALE * zf @ text.t(), LOGIT_SCALE * zp @ text.t()
+    return (lf.argmax(1).cpu(), lp.argmax(1).cpu(), F.cosine_similarity(zp, zf, dim=-1).cpu(),
+            (lp[:, k] - lf[:, k]).cpu())
+
+
+def statistic_cost(frozen, prompted, stats, labels, target, k, ca_before, budget):
+    """For a gate statistic (clean, triggered values): how well it tells the target class's own images from
+    really-triggered ones among those the frozen model reads as k (AUROC, own above), and the least CA drop
+    any cut on it reaches at ASR <= budget (cuts at 201 quantiles of those values)."""
+    (fc, ft), (sc, st) = frozen, stats
+    own, real = sc[(labels == k) & (fc == k)], st[(labels != k) & (ft == k)]
+    grid = torch.quantile(torch.cat([own, real]).float(), torch.linspace(0, 1, 201))
+    grid = torch.cat([grid[:1] - 1, grid, grid[-1:] + 1])
+    points = [(c, *gated_rates(frozen, prompted, stats, labels, target, k, c)) for c in grid.tolist()]
+    best = least_drop(points, ca_before, budget)
+    return {"auroc": auroc(own.tolist(), real.tolist()), "frontier_ca_drop": best and best[0]}
 
 
 def measure_model(model, cache, seed, settings=None, budget=2.0):
@@ -81,7 +101,10 @@ def measure_model(model, cache, seed, settings=None, budget=2.0):
     others = test.images[test.labels != k]
     real = cosines(job.clip, prompted, job.trigger(others.to(job.clip.device)), text, k)
     hindsight = balanced_cut(real, own, len(text), cfg.keep_weight)
-    (fc, pc, cc), (ft, pt, ct) = (_predictions(job.clip, prompted, test.images, text, t) for t in (None, job.trigger))
+    (fc, pc, cc, lc), (ft, pt, ct, lt) = (_predictions(job.clip, prompted, test.images, text, k, t)
+                                          for t in (None, job.trigger))
+    gate_statistics = {name: statistic_cost((fc, ft), (pc, pt), pair, test.labels, job.target, k, before["ca"], budget)
+                   for name, pair in (("cos", (cc, ct)), ("k_logit", (lc, lt)))}
     at = lambda c: gated_rates((fc, ft), (pc, pt), (cc, ct), test.labels, job.target, k, c)   # noqa: E731
     points = [(c, *at(c)) for c in CUTS.tolist()]
     best = least_drop(points, before["ca"], budget)
@@ -92,7 +115,7 @@ def measure_model(model, cache, seed, settings=None, budget=2.0):
             "own_kept": kept(own, cut), "real_kept": kept(real, cut), "hindsight_cut": hindsight,
             "own_kept_hindsight": kept(own, hindsight), "real_kept_hindsight": kept(real, hindsight),
             "settings": settings or {}, "asr_budget": budget, "frontier": points,
-            "frontier_ca_drop": best and best[0], "frontier_cut": best and best[1]}
+            "frontier_ca_drop": best and best[0], "frontier_cut": best and best[1], "statistics": gate_statistics}
 
 
 def markdown(rows, cmd, budget):
@@ -116,7 +139,28 @@ def markdown(rows, cmd, budget):
             "feature) at or above the cut keeps the frozen answer. The cut sits "
             f"{statistics.median(gaps):.3f} (median) above the real trigger's 0.95 quantile. The last column: over "
             f"a grid of cuts with these prompts, the least CA drop at which the ASR stays within the budget "
-            f"({budget}%). {reach}Lab CLIP numbers (`{cmd}`).\n")
+            f"({budget}%). {reach}Lab CLIP numbers (`{cmd}`).\n" + statistic_table(rows, budget))
+
+
+def statistic_table(rows, budget):
+    """The gate's statistic against another: the class-k logit's change (rows measured before it have none)."""
+    rows = [r for r in rows if "statistics" in r]
+    if not rows:
+        return ""
+    cell = lambda v: "none" if v is None else f"{v:.2f}"   # noqa: E731
+    lines = ["| model | AUROC: cos | AUROC: k-logit change | least CA drop, cos | least CA drop, k-logit change |",
+             "|---" * 5 + "|"]
+    for r in rows:
+        c, lk = r["statistics"]["cos"], r["statistics"]["k_logit"]
+        lines.append(f"| {r['name']} | {c['auroc']:.3f} | {lk['auroc']:.3f} | {cell(c['frontier_ca_drop'])} | "
+                     f"{cell(lk['frontier_ca_drop'])} |")
+    better = sum(r["statistics"]["cos"]["auroc"] >= r["statistics"]["k_logit"]["auroc"] for r in rows)
+    return ("\nAnother statistic the gate could cut on: how far the prompts move the class-k logit (prompted - "
+            "frozen; the frozen answer kept above the cut) against the cosine it cuts on. AUROC: how well each "
+            "tells the target class's own images (above) from really-triggered ones, among the test images the "
+            "frozen model reads as k; least CA drop: over 201 cuts at the pooled values' quantiles, with "
+            f"ASR <= {budget}%. The cosine separates at least as well on {better} of {len(rows)} models.\n\n"
+            + "\n".join(lines) + "\n")
 
 
 def main(argv=None):

@@ -7,7 +7,9 @@ held-out train images; and the true trigger's own share on the held-out images. 
 backdoor could fail: Neural Cleanse's size test on warps (per class the smallest mean shift that sends the
 shots to it, targeted.WarpSizeFamily; a target should need a much smaller one) and random smooth warps of
 the zoo's strength (WaNet without its noise mode teaches a model that any warp means the target; these
-report the mean share each class gets on the held-out images). Lab CLIP numbers.
+report the mean share each class gets on the held-out images). And whether the inversion's search space holds
+the true trigger at all: the true field's mean and largest shift, and its share once each shift is clipped
+to each budget (the inversion's tanh bound). Lab CLIP numbers.
 
     python -m engine.lab zoo --split dev --only dev-03-warp dev-08-warp dev-13-warp   # build them first
     python -m bench.warp_detectability --split dev
@@ -50,6 +52,33 @@ def shares(clip, probe, clean, text, transform_of):
                         len(text))[k] for k in range(len(text))]
 
 
+def field_shifts(spec, size):
+    """The zoo warp `spec`'s identity grid and its shift field (S, S, 2), grid units ([-1, 1] spans the image)."""
+    identity = warp_grid(spec["grid"], 0.0, size, spec["seed"])[0]
+    return identity, warp_grid(spec["grid"], spec["pixels"], size, spec["seed"])[0] - identity
+
+
+def clipped_grid(spec, size, px):
+    """The zoo warp `spec` at image size `size` with every shift clipped to +-px pixels (None: unclipped)."""
+    identity, shift = field_shifts(spec, size)
+    bound = float("inf") if px is None else 2 * px / size
+    return identity + shift.clamp(-bound, bound)
+
+
+def true_field(clip, held, clean, text, spec, k, budgets):
+    """The true warp's mean and largest shift (px) and its flip share towards k with every shift clipped to
+    each budget: the most a warp inversion bounded there could find of it."""
+    _, shift = field_shifts(spec, clip.image_size)
+    to_px = clip.image_size / 2
+    out = {"mean_px": round(shift.abs().mean().item() * to_px, 2), "max_px": round(shift.abs().max().item() * to_px, 2),
+           "clipped_share": {}}
+    for px in budgets:
+        grid = clipped_grid(spec, clip.image_size, px)
+        out["clipped_share"][str(px)] = flip_shares(held.labels, clean, predict(
+            clip, held.images, text, transform=lambda x: targeted.warp(x, grid)), len(text))[k]
+    return out
+
+
 def measure(model, budgets, shots, held_per_class, seed):
     job = prepare(job_config(model, shots, 100, seed), log=lambda *a: None)
     clip, few, text = job.clip, job.train, job.text
@@ -62,6 +91,8 @@ def measure(model, budgets, shots, held_per_class, seed):
     if truth:
         row["true_trigger_share"] = flip_shares(held.labels, clean["held_out"], predict(
             clip, held.images, text, transform=job.trigger), len(text))[few.classes.index(truth)]
+        row["true_field"] = true_field(clip, held, clean["held_out"], text, model["record"]["trigger"],
+                                       few.classes.index(truth), budgets)
     for px in budgets:
         t0 = time.time()
         cfg = replace(targeted.TargetedConfig(), warp_pixels=px, seed=seed)
@@ -96,10 +127,22 @@ def markdown(rows, budgets, cmd):
                          f"{max(v for c, v in s.items() if c != truth):.2f}") if truth else ("-", "-", "-")
                 lines.append(f"| {r['name']} ({truth or 'clean'}) | {cells[0]} | {px:g} | {probe.replace('_', '-')} | "
                              f"{top} ({s[top]:.2f}) | {cells[1]} | {cells[2]} |")
-    return ("\n".join(lines) + "\n\nShare: of the probe images neither labelled k nor predicted k, the share the "
+    return ("\n".join(lines) + "\n\n" + field_table(rows, budgets) + "\nShare: of the probe images neither labelled k nor predicted k, the share the "
             "class-k warp sends to k (the scan's statistic). The detector's budget is "
             f"{targeted.TargetedConfig.warp_pixels:g} px; the zoo's warps shift by 2.5-4 px on average. "
             f"Lab CLIP (Fashion-MNIST) numbers (`{cmd}`).\n\n" + other_tests(rows))
+
+
+def field_table(rows, budgets):
+    """The true warp against the inversion's bound, one line per warp model."""
+    lines = ["| model | true field mean px | largest px | " + " | ".join(f"share clipped at {px:g} px" for px in budgets)
+             + " | unclipped share |", "|---|---|---|" + "---|" * (len(budgets) + 1)]
+    for r in rows:
+        if "true_field" in r:
+            f = r["true_field"]
+            lines.append(f"| {r['name']} ({r['target']}) | {f['mean_px']:.2f} | {f['max_px']:.2f} | " + " | ".join(
+                f"{f['clipped_share'][str(px)]:.2f}" for px in budgets) + f" | {r['true_trigger_share']:.2f} |")
+    return "\n".join(lines) + "\n"
 
 
 def other_tests(rows):
@@ -126,10 +169,17 @@ def main(argv=None):
     p.add_argument("--shots", type=int, default=16)
     p.add_argument("--held-out", type=int, default=50, help="held-out train images per class")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--models", nargs="+", default=None, help="only these models (default: the bundled clean one and "
+                   "every built warp and clean model of the split)")
     p.add_argument("--out", default=str(RESULTS / "warp_detectability"))
     args = p.parse_args(argv)
     models = [m for m in bundled_models() if m["name"] == "bundled-clean"] + \
         [m for m in zoo_models(args.split) if m["family"] in ("warp", "clean") and m["checkpoint"]]
+    if args.models:
+        unknown = set(args.models) - {m["name"] for m in models}
+        if unknown:
+            raise SystemExit(f"not a built warp or clean model of {args.split}: {sorted(unknown)}")
+        models = [m for m in models if m["name"] in args.models]
     rows = []
     for m in models:
         rows.append(measure(m, args.budgets, args.shots, args.held_out, args.seed))

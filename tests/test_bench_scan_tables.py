@@ -182,3 +182,48 @@ def test_detect_cuts_cli_reads_the_cached_scan_cells_and_writes_json_and_md(tmp_
             detect_cuts.main(["--split", "dev", "--results", str(tmp_path), "--out", str(tmp_path / "x"), "--set", bad])
         assert "min_mask_gap" in str(e.value) or bad == "min_mask_gap"   # the message names the fields (or the form)
     assert not list(tmp_path.glob("x.*"))   # nothing written
+
+
+def test_true_warp_clipped_to_a_budget():
+    spec = {"family": "warp", "grid": 4, "pixels": 3.5, "seed": 11}
+    identity, shift = warp_detectability.field_shifts(spec, 32)
+    largest = shift.abs().max().item() * 16
+    assert largest > 3.5   # a field normalised by its mean shift reaches past it
+    tight = warp_detectability.clipped_grid(spec, 32, 2.0)
+    assert (tight - identity).abs().max().item() * 16 <= 2.0 + 1e-5
+    assert torch.allclose(warp_detectability.clipped_grid(spec, 32, largest + 1), identity + shift)
+    assert torch.allclose(warp_detectability.clipped_grid(spec, 32, None), identity + shift)
+
+
+def test_field_table_lists_warp_models_only():
+    warp = _row("m-warp", "coat", {"coat": 0.5, "bag": 0.6}, 0.8)
+    warp["true_field"] = {"mean_px": 3.1, "max_px": 8.2, "clipped_share": {"3.0": 0.42, "6.0": 0.81}}
+    md = warp_detectability.field_table([warp, _row("m-clean", None, {"coat": 0.2, "bag": 0.4})], [3.0, 6.0])
+    assert "| m-warp (coat) | 3.10 | 8.20 | 0.42 | 0.81 | 0.80 |" in md
+    assert "m-clean" not in md
+
+
+def test_statistic_cost_scores_how_a_gate_statistic_separates_own_from_triggered_images():
+    from bench import gate_cost
+    t = torch.tensor
+    labels, target, k = t([0, 1, 2, 1]), 1, 1
+    frozen, prompted = (t([1, 1, 2, 0]), t([1, 1, 1, 1])), (t([0, 2, 2, 0]), t([0, 2, 2, 1]))
+    # k's own image (clean 1) above both triggered images read k (0 and 2): perfect separation
+    good = (t([0.3, 0.9, 0.1, 0.1]), t([0.4, 0.95, 0.2, 0.6]))
+    cost = gate_cost.statistic_cost(frozen, prompted, good, labels, target, k, 75.0, 2.0)
+    # a cut between 0.4 and 0.9 keeps image 1 and hands the triggered ones over: CA 3/4, ASR 0
+    assert cost == {"auroc": 1.0, "frontier_ca_drop": 0.0}
+    # reversed: the own image below both triggered ones; the least drop with ASR <= 2% hands all over (CA 2/4)
+    bad = (t([0.3, 0.1, 0.1, 0.1]), t([0.4, 0.95, 0.2, 0.6]))
+    assert gate_cost.statistic_cost(frozen, prompted, bad, labels, target, k, 75.0, 2.0) == \
+        {"auroc": 0.0, "frontier_ca_drop": 25.0}
+
+
+def test_gate_cost_statistic_table():
+    from bench import gate_cost
+    row = {"name": "m", "statistics": {"cos": {"auroc": 0.95, "frontier_ca_drop": 1.5},
+                                       "k_logit": {"auroc": 0.97, "frontier_ca_drop": None}}}
+    md = gate_cost.statistic_table([row, {"name": "old"}], 5.0)
+    assert "| m | 0.950 | 0.970 | 1.50 | none |" in md and "old" not in md
+    assert "at least as well on 0 of 1 models" in md
+    assert gate_cost.statistic_table([{"name": "old"}], 5.0) == ""
