@@ -84,6 +84,27 @@ def statistic_cost(frozen, prompted, stats, labels, target, k, ca_before, budget
     return {"auroc": auroc(own.tolist(), real.tolist()), "frontier_ca_drop": best and best[0]}
 
 
+def joint_cost(frozen, prompted, first, second, labels, target, k, ca_before, budget, steps=41):
+    """A gate that reads both statistics (the frozen answer kept where each is at or above its own cut): the
+    least CA drop any pair of cuts reaches at ASR <= budget, over `steps` quantiles of each (hindsight)."""
+    fc, ft = frozen
+
+    def pick(st):   # the statistic's values on the target class's own images and the triggered ones read k
+        return torch.cat([st[0][(labels == k) & (fc == k)], st[1][(labels != k) & (ft == k)]]).float()
+
+    qs = torch.linspace(0, 1, steps)
+    grids = [torch.cat([torch.quantile(pick(st), qs), pick(st).max()[None] + 1]) for st in (first, second)]
+    best = None
+    for a in grids[0].tolist():
+        for b in grids[1].tolist():
+            # min of the two margins: below 0 where either statistic says the prompts moved the image enough
+            both = tuple(torch.minimum(x - a, y - b) for x, y in zip(first, second))
+            ca, asr = gated_rates(frozen, prompted, both, labels, target, k, 0.0)
+            if asr <= budget and (best is None or ca_before - ca < best):
+                best = ca_before - ca
+    return {"frontier_ca_drop": best}
+
+
 def measure_model(model, cache, seed, settings=None, budget=2.0):
     cells = cache / model["name"]
     scan = json.loads((cells / "scan.json").read_text())
@@ -105,6 +126,8 @@ def measure_model(model, cache, seed, settings=None, budget=2.0):
                                           for t in (None, job.trigger))
     gate_statistics = {name: statistic_cost((fc, ft), (pc, pt), pair, test.labels, job.target, k, before["ca"], budget)
                    for name, pair in (("cos", (cc, ct)), ("k_logit", (lc, lt)))}
+    gate_statistics["both"] = joint_cost((fc, ft), (pc, pt), (cc, ct), (lc, lt), test.labels, job.target, k,
+                                         before["ca"], budget)
     at = lambda c: gated_rates((fc, ft), (pc, pt), (cc, ct), test.labels, job.target, k, c)   # noqa: E731
     points = [(c, *at(c)) for c in CUTS.tolist()]
     best = least_drop(points, before["ca"], budget)
@@ -148,18 +171,28 @@ def statistic_table(rows, budget):
     if not rows:
         return ""
     cell = lambda v: "none" if v is None else f"{v:.2f}"   # noqa: E731
-    lines = ["| model | AUROC: cos | AUROC: k-logit change | least CA drop, cos | least CA drop, k-logit change |",
-             "|---" * 5 + "|"]
+    lines = ["| model | AUROC: cos | AUROC: k-logit change | least CA drop, cos | least CA drop, k-logit change | "
+             "least CA drop, both |", "|---" * 6 + "|"]
     for r in rows:
         c, lk = r["statistics"]["cos"], r["statistics"]["k_logit"]
+        both = r["statistics"].get("both", {}).get("frontier_ca_drop")
         lines.append(f"| {r['name']} | {c['auroc']:.3f} | {lk['auroc']:.3f} | {cell(c['frontier_ca_drop'])} | "
-                     f"{cell(lk['frontier_ca_drop'])} |")
+                     f"{cell(lk['frontier_ca_drop'])} | {'-' if 'both' not in r['statistics'] else cell(both)} |")
     better = sum(r["statistics"]["cos"]["auroc"] >= r["statistics"]["k_logit"]["auroc"] for r in rows)
+    medians = []
+    for name in ("cos", "k_logit", "both"):
+        drops = [r["statistics"][name]["frontier_ca_drop"] for r in rows if name in r["statistics"]
+                 and r["statistics"][name]["frontier_ca_drop"] is not None]
+        if drops:
+            medians.append(f"{name.replace('_', '-')} {statistics.median(drops):.2f} (n = {len(drops)})")
     return ("\nAnother statistic the gate could cut on: how far the prompts move the class-k logit (prompted - "
             "frozen; the frozen answer kept above the cut) against the cosine it cuts on. AUROC: how well each "
             "tells the target class's own images (above) from really-triggered ones, among the test images the "
             "frozen model reads as k; least CA drop: over 201 cuts at the pooled values' quantiles, with "
-            f"ASR <= {budget}%. The cosine separates at least as well on {better} of {len(rows)} models.\n\n"
+            f"ASR <= {budget}% (both: the frozen answer kept only where both statistics are at or above their cuts, "
+            f"41 x 41 quantile cuts; all in hindsight, on the test images). The cosine separates at least as well "
+            f"on {better} of {len(rows)} models. Median least CA drop where a cut reaches the budget: "
+            f"{', '.join(medians) or 'none'}.\n\n"
             + "\n".join(lines) + "\n")
 
 

@@ -217,6 +217,8 @@ def test_statistic_cost_scores_how_a_gate_statistic_separates_own_from_triggered
     bad = (t([0.3, 0.1, 0.1, 0.1]), t([0.4, 0.95, 0.2, 0.6]))
     assert gate_cost.statistic_cost(frozen, prompted, bad, labels, target, k, 75.0, 2.0) == \
         {"auroc": 0.0, "frontier_ca_drop": 25.0}
+    # read together, the good statistic's cut hands the triggered images over whatever the bad one says
+    assert gate_cost.joint_cost(frozen, prompted, good, bad, labels, target, k, 75.0, 2.0) == {"frontier_ca_drop": 0.0}
 
 
 def test_gate_cost_statistic_table():
@@ -224,6 +226,9 @@ def test_gate_cost_statistic_table():
     row = {"name": "m", "statistics": {"cos": {"auroc": 0.95, "frontier_ca_drop": 1.5},
                                        "k_logit": {"auroc": 0.97, "frontier_ca_drop": None}}}
     md = gate_cost.statistic_table([row, {"name": "old"}], 5.0)
-    assert "| m | 0.950 | 0.970 | 1.50 | none |" in md and "old" not in md
+    assert "| m | 0.950 | 0.970 | 1.50 | none | - |" in md and "old" not in md
+    row["statistics"]["both"] = {"frontier_ca_drop": 0.75}
+    assert "| m | 0.950 | 0.970 | 1.50 | none | 0.75 |" in gate_cost.statistic_table([row], 5.0)
     assert "at least as well on 0 of 1 models" in md
+    assert "reaches the budget: cos 1.50 (n = 1), both 0.75 (n = 1)." in gate_cost.statistic_table([row], 5.0)
     assert gate_cost.statistic_table([{"name": "old"}], 5.0) == ""
