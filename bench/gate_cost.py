@@ -71,13 +71,19 @@ def _predictions(clip, prompted, images, text, k, transform=None):
             (lp[:, k] - lf[:, k]).cpu())
 
 
+def own_and_real(frozen, stats, labels, k):
+    """A statistic's (clean, triggered) values on the images the frozen model reads as k: the target class's
+    own clean images, and the other classes' images with the real trigger."""
+    (fc, ft), (sc, st) = frozen, stats
+    return sc[(labels == k) & (fc == k)].float(), st[(labels != k) & (ft == k)].float()
+
+
 def statistic_cost(frozen, prompted, stats, labels, target, k, ca_before, budget):
     """For a gate statistic (clean, triggered values): how well it tells the target class's own images from
     really-triggered ones among those the frozen model reads as k (AUROC, own above), and the least CA drop
     any cut on it reaches at ASR <= budget (cuts at 201 quantiles of those values)."""
-    (fc, ft), (sc, st) = frozen, stats
-    own, real = sc[(labels == k) & (fc == k)], st[(labels != k) & (ft == k)]
-    grid = torch.quantile(torch.cat([own, real]).float(), torch.linspace(0, 1, 201))
+    own, real = own_and_real(frozen, stats, labels, k)
+    grid = torch.quantile(torch.cat([own, real]), torch.linspace(0, 1, 201))
     grid = torch.cat([grid[:1] - 1, grid, grid[-1:] + 1])
     points = [(c, *gated_rates(frozen, prompted, stats, labels, target, k, c)) for c in grid.tolist()]
     best = least_drop(points, ca_before, budget)
@@ -87,13 +93,11 @@ def statistic_cost(frozen, prompted, stats, labels, target, k, ca_before, budget
 def joint_cost(frozen, prompted, first, second, labels, target, k, ca_before, budget, steps=41):
     """A gate that reads both statistics (the frozen answer kept where each is at or above its own cut): the
     least CA drop any pair of cuts reaches at ASR <= budget, over `steps` quantiles of each (hindsight)."""
-    fc, ft = frozen
-
-    def pick(st):   # the statistic's values on the target class's own images and the triggered ones read k
-        return torch.cat([st[0][(labels == k) & (fc == k)], st[1][(labels != k) & (ft == k)]]).float()
-
     qs = torch.linspace(0, 1, steps)
-    grids = [torch.cat([torch.quantile(pick(st), qs), pick(st).max()[None] + 1]) for st in (first, second)]
+    grids = []
+    for stats in (first, second):
+        values = torch.cat(own_and_real(frozen, stats, labels, k))
+        grids.append(torch.cat([torch.quantile(values, qs), values.max()[None] + 1]))
     best = None
     for a in grids[0].tolist():
         for b in grids[1].tolist():
@@ -125,7 +129,7 @@ def measure_model(model, cache, seed, settings=None, budget=2.0):
     (fc, pc, cc, lc), (ft, pt, ct, lt) = (_predictions(job.clip, prompted, test.images, text, k, t)
                                           for t in (None, job.trigger))
     gate_statistics = {name: statistic_cost((fc, ft), (pc, pt), pair, test.labels, job.target, k, before["ca"], budget)
-                   for name, pair in (("cos", (cc, ct)), ("k_logit", (lc, lt)))}
+                       for name, pair in (("cos", (cc, ct)), ("k_logit", (lc, lt)))}
     gate_statistics["both"] = joint_cost((fc, ft), (pc, pt), (cc, ct), (lc, lt), test.labels, job.target, k,
                                          before["ca"], budget)
     at = lambda c: gated_rates((fc, ft), (pc, pt), (cc, ct), test.labels, job.target, k, c)   # noqa: E731
@@ -175,9 +179,9 @@ def statistic_table(rows, budget):
              "least CA drop, both |", "|---" * 6 + "|"]
     for r in rows:
         c, lk = r["statistics"]["cos"], r["statistics"]["k_logit"]
-        both = r["statistics"].get("both", {}).get("frontier_ca_drop")
+        both = cell(r["statistics"]["both"]["frontier_ca_drop"]) if "both" in r["statistics"] else "-"
         lines.append(f"| {r['name']} | {c['auroc']:.3f} | {lk['auroc']:.3f} | {cell(c['frontier_ca_drop'])} | "
-                     f"{cell(lk['frontier_ca_drop'])} | {'-' if 'both' not in r['statistics'] else cell(both)} |")
+                     f"{cell(lk['frontier_ca_drop'])} | {both} |")
     better = sum(r["statistics"]["cos"]["auroc"] >= r["statistics"]["k_logit"]["auroc"] for r in rows)
     medians = []
     for name in ("cos", "k_logit", "both"):

@@ -411,11 +411,10 @@ def markdown(split, rows, agg, defenses, missing, cmd, seconds):
     if missing:
         lines += ["", f"Not built yet (skipped): {', '.join(missing)}."]
     run = "tables from cached cells" if seconds is None else f"whole run {seconds:.0f} s"
-    minutes = agg.get("cell_minutes") or {}
-    if minutes:
-        run = (f"Cells' seconds summed: {sum(minutes.values()):.0f} min (" +
-               ", ".join(f"{LABELS.get(c, c).split(' (')[0]} {m:.0f}" for c, m in minutes.items()) + "; each as measured, "
-               "some two side by side on the cores); " + run)
+    minutes = agg["cell_minutes"]
+    run = (f"Cells' seconds summed: {sum(minutes.values()):.0f} min (" +
+           ", ".join(f"{LABELS.get(c, c).split(' (')[0]} {m:.0f}" for c, m in minutes.items()) + "; each as measured, "
+           "some two side by side on the cores); " + run)
     lines += ["", f"ASR % (CA %) on the first test images per model; ASR of controls is measured with a stand-in "
               f"trigger and means nothing. The repair's seconds leave out its detection (the scan's, reused). "
               f"Scan score: how far past its thresholds the strongest family is (>= 1 flags). {run} (`{cmd}`)."]
